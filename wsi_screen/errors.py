@@ -1,0 +1,61 @@
+"""Exception types of wsi-screen.
+
+Every error a user can cause derives from :class:`WsiScreenError` and carries a one-line message that
+says what is wrong and what to do. Each type also inherits the matching built-in exception, so callers
+that catch ``FileNotFoundError`` or ``ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "BundleNotFoundError",
+    "ConfigError",
+    "CorruptSlideError",
+    "CorruptTileError",
+    "MissingMppError",
+    "SlideNotFoundError",
+    "SlideTooLargeError",
+    "UnsupportedSlideError",
+    "WsiScreenError",
+]
+
+
+class WsiScreenError(Exception):
+    """Base class of every error wsi-screen reports to a user (one-line message, no traceback)."""
+
+
+class SlideNotFoundError(WsiScreenError, FileNotFoundError):
+    """The slide path does not exist."""
+
+
+class UnsupportedSlideError(WsiScreenError, ValueError):
+    """The file is not a whole-slide image, or not one the chosen backend can read."""
+
+
+class CorruptSlideError(WsiScreenError, OSError):
+    """The file looks like a slide but is truncated or structurally corrupt."""
+
+
+class CorruptTileError(CorruptSlideError):
+    """Tile data inside an otherwise readable slide could not be decoded."""
+
+
+class SlideTooLargeError(WsiScreenError, ValueError):
+    """The slide's dimensions are beyond a sane limit (likely corrupt metadata)."""
+
+
+class MissingMppError(WsiScreenError, ValueError):
+    """The slide has no usable µm/px metadata; the user must pass ``--mpp``."""
+
+
+class ConfigError(WsiScreenError, ValueError):
+    """A configuration file or override is invalid."""
+
+
+class BundleError(WsiScreenError, ValueError):
+    """A model bundle is corrupt, inconsistent or incompatible."""
+
+
+class BundleNotFoundError(BundleError, FileNotFoundError):
+    """A model bundle (name or path) does not exist."""

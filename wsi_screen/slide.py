@@ -1,0 +1,619 @@
+"""Whole-slide access: one typed reader over OpenSlide (default) and tiffslide.
+
+>>> with open_slide("slide.svs") as slide:
+...     tile = slide.read_region((1000, 2000), (1024, 1024), mpp=0.25)
+
+Coordinates are level-0 pixels of the slide (what QuPath uses). ``read_region`` takes the wanted
+resolution in µm/px, picks the finest pyramid level that is at least as coarse as needed for it and
+resamples (antialiased) to the exact output size. Every failure is one of the exception types of
+:mod:`wsi_screen.errors`, with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast, get_args
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from wsi_screen.errors import (
+    CorruptSlideError,
+    CorruptTileError,
+    MissingMppError,
+    SlideNotFoundError,
+    SlideTooLargeError,
+    UnsupportedSlideError,
+    WsiScreenError,
+)
+
+__all__ = [
+    "BACKENDS",
+    "MPP_PLAUSIBLE_RANGE",
+    "Backend",
+    "Slide",
+    "SlideInfo",
+    "open_slide",
+    "resolve_slide_path",
+]
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["openslide", "tiffslide"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+#: µm/px outside this range cannot come from a microscope scan (e.g. TIFF's default 72 dpi → 352.8).
+MPP_PLAUSIBLE_RANGE = (0.02, 50.0)
+#: Largest accepted level-0 side in pixels; real slides stay below ~300,000.
+DEFAULT_MAX_DIMENSION = 1_000_000
+#: Default OpenSlide tile-cache size per handle (bytes): a row of 1024-px tiles of a 100k-px-wide slide.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+_WHITE = 255
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Metadata of an opened slide (all sizes in level-0 pixels unless stated)."""
+
+    path: str
+    backend: str
+    vendor: str | None
+    dimensions: tuple[int, int]
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float
+    mpp_y: float
+    mpp_source: Literal["metadata", "override"]
+    objective_power: float | None
+    associated_images: tuple[str, ...]
+    properties: dict[str, str] = field(repr=False, compare=False)
+
+    @property
+    def mpp(self) -> float:
+        """Isotropic µm/px (mean of x and y)."""
+        return (self.mpp_x + self.mpp_y) / 2.0
+
+    @property
+    def size_um(self) -> tuple[float, float]:
+        """Physical size of level 0 in µm."""
+        return self.dimensions[0] * self.mpp_x, self.dimensions[1] * self.mpp_y
+
+    def to_dict(self, *, with_properties: bool = False) -> dict[str, Any]:
+        """JSON-serialisable view (``wsi-screen inspect --json``)."""
+        out = asdict(self)
+        out["mpp"] = self.mpp
+        if not with_properties:
+            out.pop("properties")
+        return out
+
+
+class _Handle(Protocol):
+    """The subset of the OpenSlide API both backends provide."""
+
+    @property
+    def dimensions(self) -> tuple[int, int]: ...
+    @property
+    def level_count(self) -> int: ...
+    @property
+    def level_dimensions(self) -> Sequence[tuple[int, int]]: ...
+    @property
+    def level_downsamples(self) -> Sequence[float]: ...
+    @property
+    def properties(self) -> Any: ...
+    @property
+    def associated_images(self) -> Any: ...
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any: ...
+    def close(self) -> None: ...
+
+
+def resolve_slide_path(path: str | os.PathLike[str]) -> Path:
+    """Return the file to open for ``path``; a DICOM series folder resolves to one of its files.
+
+    Raises:
+        SlideNotFoundError: the path does not exist.
+        UnsupportedSlideError: a folder that is not a DICOM series (e.g. a MIRAX companion folder).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SlideNotFoundError(f"slide not found: {p} (check the path)")
+    if p.is_dir():
+        dcm = sorted(q for q in p.iterdir() if q.suffix.lower() == ".dcm" and q.is_file())
+        if dcm:
+            return dcm[0]
+        raise UnsupportedSlideError(
+            f"{p} is a folder, not a slide (a DICOM series folder must contain .dcm files; "
+            "a MIRAX .mrxs file is opened directly, not its companion folder)"
+        )
+    return p
+
+
+def _tiff_header(path: Path) -> tuple[str, int] | None:
+    """Return (byte order, first IFD offset) if ``path`` starts like a (Big)TIFF, else None."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if head[:2] == b"II" else ">"
+    (magic,) = struct.unpack(order + "H", head[2:4])
+    if magic == 42:
+        (offset,) = struct.unpack(order + "I", head[4:8])
+        return order, offset
+    if magic == 43 and len(head) >= 16:
+        (offset,) = struct.unpack(order + "Q", head[8:16])
+        return order, offset
+    return None
+
+
+def _check_tiff_integrity(path: Path) -> None:
+    """Raise CorruptSlideError when a TIFF-based slide is truncated (cheap: reads directories only)."""
+    header = _tiff_header(path)
+    if header is None:
+        return
+    size = path.stat().st_size
+    if header[1] >= size:
+        raise CorruptSlideError(
+            f"{path.name} is truncated or corrupt: its first TIFF directory (byte {header[1]}) lies "
+            f"beyond the end of the file ({size} bytes); copy the slide again from the scanner"
+        )
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            end = 0
+            for page in tif.pages:
+                page = cast("tifffile.TiffPage", page)
+                offsets, counts = page.dataoffsets, page.databytecounts
+                if len(offsets):
+                    end = max(end, max(o + c for o, c in zip(offsets, counts, strict=False)))
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise CorruptSlideError(f"{path.name} has a damaged TIFF structure: {_one_line(exc)}") from exc
+    if end > size:
+        raise CorruptSlideError(
+            f"{path.name} is truncated: image data extends to byte {end} but the file has {size} "
+            "bytes; copy the slide again from the scanner"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _open_openslide(path: Path) -> _Handle:
+    import openslide
+
+    vendor = openslide.OpenSlide.detect_format(str(path))
+    if vendor is None:
+        _check_tiff_integrity(path)
+        hint = ""
+        if _tiff_header(path) is not None:
+            hint = "; a flat (untiled) TIFF can be read with --backend tiffslide"
+        raise UnsupportedSlideError(f"{path.name} is not a whole-slide image OpenSlide can read{hint}")
+    try:
+        return cast(_Handle, openslide.OpenSlide(str(path)))
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise UnsupportedSlideError(f"{path.name}: unsupported slide format ({_one_line(exc)})") from exc
+    except openslide.OpenSlideError as exc:
+        msg = _one_line(exc)
+        if "nsupported" in msg:
+            raise UnsupportedSlideError(f"{path.name}: unsupported slide ({msg})") from exc
+        _check_tiff_integrity(path)
+        raise CorruptSlideError(f"{path.name} is corrupt and cannot be opened ({msg})") from exc
+
+
+def _open_tiffslide(path: Path) -> _Handle:
+    import tiffslide
+
+    if _tiff_header(path) is None:
+        raise UnsupportedSlideError(
+            f"{path.name} is not a TIFF file, and tiffslide reads only TIFF-based slides; "
+            "use --backend openslide (DICOM, MIRAX, ...)"
+        )
+    _check_tiff_integrity(path)
+    try:
+        return cast(_Handle, tiffslide.TiffSlide(str(path)))
+    except Exception as exc:  # tifffile/tiffslide raise many types for damaged files
+        raise CorruptSlideError(f"{path.name} cannot be opened by tiffslide ({_one_line(exc)})") from exc
+
+
+def _parse_float(value: object) -> float | None:
+    try:
+        out = float(str(value))
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+class Slide:
+    """An opened whole-slide image (context manager).
+
+    Use :func:`open_slide` to create one. A ``Slide`` may be shared between threads for metadata,
+    but reader threads should each call :meth:`reopen` for a handle of their own, so that decoding
+    runs in parallel.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        backend: Backend = "openslide",
+        mpp: float | None = None,
+        max_dimension: int = DEFAULT_MAX_DIMENSION,
+        cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise UnsupportedSlideError(
+                f"unknown slide backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
+            )
+        if mpp is not None and not (MPP_PLAUSIBLE_RANGE[0] <= mpp <= MPP_PLAUSIBLE_RANGE[1]):
+            raise MissingMppError(
+                f"--mpp {mpp} is not a plausible pixel size; give µm per pixel, e.g. --mpp 0.25 (40×)"
+            )
+        self._requested_path = Path(path)
+        self.path = resolve_slide_path(path)
+        self.backend: Backend = backend
+        self._mpp_override = mpp
+        self._max_dimension = max_dimension
+        self._cache_bytes = cache_bytes
+        self._lock = threading.Lock()
+        self._handle: _Handle | None = self._open_handle()
+        try:
+            self.info = self._read_info()
+            self._probe()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _open_handle(self) -> _Handle:
+        handle = _open_openslide(self.path) if self.backend == "openslide" else _open_tiffslide(self.path)
+        if self.backend == "openslide" and self._cache_bytes:
+            import openslide
+
+            if hasattr(openslide, "OpenSlideCache"):
+                cast(Any, handle).set_cache(openslide.OpenSlideCache(self._cache_bytes))
+        return handle
+
+    def reopen(self) -> Slide:
+        """A new, independent handle on the same file with the same settings."""
+        return Slide(
+            self._requested_path,
+            backend=self.backend,
+            mpp=self._mpp_override,
+            max_dimension=self._max_dimension,
+            cache_bytes=self._cache_bytes,
+        )
+
+    def close(self) -> None:
+        """Release the file handle (idempotent)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, backend={self.backend!r})"
+
+    @property
+    def _h(self) -> _Handle:
+        if self._handle is None:
+            raise ValueError(f"slide {self.path.name} is closed")
+        return self._handle
+
+    # -- metadata --------------------------------------------------------------------------------
+    def _read_info(self) -> SlideInfo:
+        h = self._h
+        props = {str(k): str(v) for k, v in dict(h.properties).items()}
+        prefix = "openslide" if self.backend == "openslide" else "tiffslide"
+        width, height = (int(v) for v in h.dimensions)
+        if width <= 0 or height <= 0:
+            raise CorruptSlideError(f"{self.path.name} reports empty dimensions {width}×{height}")
+        if max(width, height) > self._max_dimension:
+            raise SlideTooLargeError(
+                f"{self.path.name} reports {width}×{height} px, beyond the limit of "
+                f"{self._max_dimension} px per side (corrupt metadata?)"
+            )
+        mpp_x = _parse_float(props.get(f"{prefix}.mpp-x"))
+        mpp_y = _parse_float(props.get(f"{prefix}.mpp-y")) or mpp_x
+        source: Literal["metadata", "override"] = "metadata"
+        if self._mpp_override is not None:
+            mpp_x = mpp_y = float(self._mpp_override)
+            source = "override"
+        elif mpp_x is None or mpp_y is None:
+            raise MissingMppError(
+                f"{self.path.name} has no µm/px metadata; pass --mpp with the scan's pixel size "
+                "(e.g. --mpp 0.25 for 40×, --mpp 0.5 for 20×)"
+            )
+        elif not all(MPP_PLAUSIBLE_RANGE[0] <= m <= MPP_PLAUSIBLE_RANGE[1] for m in (mpp_x, mpp_y)):
+            raise MissingMppError(
+                f"{self.path.name} states {mpp_x:.4g} µm/px, which no microscope scan has (often a "
+                "TIFF default resolution); pass --mpp with the scan's real pixel size"
+            )
+        assert mpp_x is not None and mpp_y is not None  # narrowed above
+        if abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
+            logger.warning("%s has anisotropic pixels (%.4f × %.4f µm); using their mean",
+                           self.path.name, mpp_x, mpp_y)
+        vendor = props.get(f"{prefix}.vendor") or None
+        if self.backend == "tiffslide" and vendor is None and "aperio.AppMag" in props:
+            vendor = "aperio"
+        return SlideInfo(
+            path=str(self.path),
+            backend=self.backend,
+            vendor=vendor,
+            dimensions=(width, height),
+            level_count=int(h.level_count),
+            level_dimensions=tuple((int(w), int(hh)) for w, hh in h.level_dimensions),
+            level_downsamples=tuple(float(d) for d in h.level_downsamples),
+            mpp_x=float(mpp_x),
+            mpp_y=float(mpp_y),
+            mpp_source=source,
+            objective_power=_parse_float(props.get(f"{prefix}.objective-power")),
+            associated_images=tuple(sorted(str(k) for k in h.associated_images)),
+            properties=props,
+        )
+
+    def _probe(self) -> None:
+        """Decode one pixel of the coarsest level so unsupported codecs fail at open, not mid-run."""
+        level = self.info.level_count - 1
+        w, h = self.info.level_dimensions[level]
+        ds = self.info.level_downsamples[level]
+        self.read_level((int(w // 2 * ds), int(h // 2 * ds)), level, (1, 1))
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.info.dimensions
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 µm/px (isotropic)."""
+        return self.info.mpp
+
+    @property
+    def level_count(self) -> int:
+        return self.info.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self.info.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self.info.level_downsamples
+
+    @property
+    def vendor(self) -> str | None:
+        return self.info.vendor
+
+    @property
+    def objective_power(self) -> float | None:
+        return self.info.objective_power
+
+    @property
+    def associated_image_names(self) -> tuple[str, ...]:
+        return self.info.associated_images
+
+    def associated_image(self, name: str) -> NDArray[np.uint8]:
+        """An associated image (label, macro, thumbnail, ...) as an RGB array."""
+        if name not in self.info.associated_images:
+            raise KeyError(
+                f"{self.path.name} has no associated image {name!r}; it has: "
+                f"{', '.join(self.info.associated_images) or 'none'}"
+            )
+        img = self._h.associated_images[name]
+        return _to_rgb(np.asarray(img))
+
+    def fingerprint(self) -> str:
+        """Content fingerprint (sha256 of size, head and tail of every file of the slide)."""
+        return slide_fingerprint(self.path)
+
+    # -- pixels ----------------------------------------------------------------------------------
+    def best_level(self, mpp: float) -> int:
+        """The coarsest level whose resolution is still at least as fine as ``mpp`` µm/px."""
+        if mpp <= 0:
+            raise ValueError(f"mpp must be positive, got {mpp}")
+        want = mpp / self.mpp
+        best = 0
+        for i, ds in enumerate(self.info.level_downsamples):
+            if ds <= want * (1 + 1e-3):
+                best = i
+        return best
+
+    def read_level(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> NDArray[np.uint8]:
+        """Raw pixels of ``level`` (H×W×3 uint8); ``location`` in level-0 px; outside = white glass."""
+        if not 0 <= level < self.info.level_count:
+            raise ValueError(f"level {level} out of range 0..{self.info.level_count - 1}")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {w}×{h}")
+        ds = self.info.level_downsamples[level]
+        lw, lh = self.info.level_dimensions[level]
+        # Clip to the level so both backends agree outside the image (white, like empty glass).
+        lx, ly = int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds))
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        out = np.full((h, w, 3), _WHITE, dtype=np.uint8)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        loc0 = (int(round(cx0 * ds)), int(round(cy0 * ds)))
+        if cx0 == lx and cy0 == ly:
+            loc0 = (int(location[0]), int(location[1]))
+        region = self._read_raw(loc0, level, (cx1 - cx0, cy1 - cy0))
+        out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = region
+        return out
+
+    def _read_raw(self, loc0: tuple[int, int], level: int, size: tuple[int, int]) -> NDArray[np.uint8]:
+        try:
+            img = self._h.read_region(loc0, level, size)
+        except WsiScreenError:
+            raise
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            msg = _one_line(exc)
+            self._recover_after_error()
+            if "COMPRESSION" in msg or "ompression" in msg:
+                raise UnsupportedSlideError(
+                    f"{self.path.name} uses an image compression {self.backend} cannot decode ({msg})"
+                ) from exc
+            raise CorruptTileError(
+                f"{self.path.name}: corrupt tile data at level {level}, region "
+                f"x={loc0[0]} y={loc0[1]} {size[0]}×{size[1]} ({msg})"
+            ) from exc
+        return _to_rgb(np.asarray(img))
+
+    def _recover_after_error(self) -> None:
+        """OpenSlide errors are sticky: replace the handle so later reads of good tiles still work."""
+        if self.backend != "openslide":
+            return
+        with self._lock:
+            try:
+                old, self._handle = self._handle, self._open_handle()
+            except WsiScreenError:
+                return
+            if old is not None:
+                old.close()
+
+    def read_region(
+        self,
+        location: tuple[float, float],
+        size: tuple[int, int],
+        *,
+        mpp: float,
+        level: int | None = None,
+    ) -> NDArray[np.uint8]:
+        """Pixels of a region at ``mpp`` µm/px.
+
+        Args:
+            location: top-left corner in level-0 pixels (may be fractional).
+            size: (width, height) of the output in pixels at ``mpp``.
+            mpp: wanted resolution in µm/px.
+            level: force a pyramid level (default: :meth:`best_level`).
+
+        Returns:
+            H×W×3 uint8 RGB; parts outside the slide are white.
+        """
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {w}×{h}")
+        lvl = self.best_level(mpp) if level is None else level
+        ds = self.info.level_downsamples[lvl]
+        scale = mpp / self.mpp / ds  # level pixels per output pixel
+        fx, fy = location[0] / ds, location[1] / ds
+        if abs(scale - 1.0) < 1e-6 and float(fx).is_integer() and float(fy).is_integer():
+            return self.read_level((int(location[0]), int(location[1])), lvl, (w, h))
+        # Source window in level pixels, with a margin for the resampling kernel.
+        margin = int(math.ceil(2 * max(scale, 1.0))) + 1
+        sx0, sy0 = int(math.floor(fx)) - margin, int(math.floor(fy)) - margin
+        sx1 = int(math.ceil(fx + w * scale)) + margin
+        sy1 = int(math.ceil(fy + h * scale)) + margin
+        src = self.read_level(
+            (int(round(sx0 * ds)), int(round(sy0 * ds))), lvl, (sx1 - sx0, sy1 - sy0)
+        )
+        box = (fx - sx0, fy - sy0, fx - sx0 + w * scale, fy - sy0 + h * scale)
+        img = Image.fromarray(src).resize((w, h), resample=Image.Resampling.BILINEAR, box=box)
+        return np.asarray(img, dtype=np.uint8)
+
+    def thumbnail(self, *, mpp: float, block: int = 1024) -> NDArray[np.uint8]:
+        """The whole slide at ``mpp`` µm/px, read in blocks so memory stays bounded."""
+        w0, h0 = self.dimensions
+        scale = mpp / self.mpp
+        tw, th = max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale)))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        for y in range(0, th, block):
+            for x in range(0, tw, block):
+                bw, bh = min(block, tw - x), min(block, th - y)
+                out[y : y + bh, x : x + bw] = self.read_region((x * scale, y * scale), (bw, bh), mpp=mpp)
+        return out
+
+    def iter_levels(self) -> Iterator[tuple[int, tuple[int, int], float, float]]:
+        """(level, dimensions, downsample, µm/px) for each pyramid level."""
+        for i, (dims, ds) in enumerate(
+            zip(self.info.level_dimensions, self.info.level_downsamples, strict=True)
+        ):
+            yield i, dims, ds, ds * self.mpp
+
+
+def _to_rgb(arr: NDArray[Any]) -> NDArray[np.uint8]:
+    """RGB(A)/greyscale array → H×W×3 uint8, compositing transparency onto white."""
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 4:
+        rgb = arr[..., :3].astype(np.uint16)
+        alpha = arr[..., 3:4].astype(np.uint16)
+        # OpenSlide returns premultiplied alpha: out = rgb + (255 - a) * white / 255.
+        if np.all(alpha == 255):
+            return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
+        out = rgb + ((255 - alpha) * _WHITE + 127) // 255
+        return np.clip(out, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
+
+
+def slide_fingerprint(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
+    """sha256 over name-independent content: size, first and last MiB of each file of the slide.
+
+    For a DICOM series or MIRAX slide every file in the slide's folder counts, so a changed
+    companion file changes the fingerprint.
+    """
+    p = Path(path)
+    files: list[Path]
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.is_file())
+    else:
+        files = [p]
+        companion = p.with_suffix("")
+        if p.suffix.lower() == ".mrxs" and companion.is_dir():
+            files += sorted(q for q in companion.rglob("*") if q.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f.name.encode() if f != p else b"")
+        digest.update(struct.pack("<Q", size))
+        with f.open("rb") as fh:
+            digest.update(fh.read(chunk))
+            if size > chunk:
+                fh.seek(max(chunk, size - chunk))
+                digest.update(fh.read(chunk))
+    return digest.hexdigest()
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    *,
+    backend: Backend = "openslide",
+    mpp: float | None = None,
+    max_dimension: int = DEFAULT_MAX_DIMENSION,
+) -> Slide:
+    """Open a whole-slide image.
+
+    Args:
+        path: slide file (or a DICOM series folder).
+        backend: ``"openslide"`` (default; every vendor format, DICOM) or ``"tiffslide"``.
+        mpp: µm/px to use instead of the metadata (``--mpp``).
+        max_dimension: refuse slides whose level-0 side is larger (corrupt metadata).
+
+    Raises:
+        SlideNotFoundError, UnsupportedSlideError, CorruptSlideError, CorruptTileError,
+        SlideTooLargeError, MissingMppError.
+    """
+    return Slide(path, backend=backend, mpp=mpp, max_dimension=max_dimension)
