@@ -271,8 +271,8 @@ class Slide:
         self._lock = threading.Lock()
         self._handle: _Handle | None = self._open_handle()
         try:
-            self.info = self._read_info()
             self._probe()
+            self.info = self._read_info()
         except BaseException:
             self.close()
             raise
@@ -337,20 +337,20 @@ class Slide:
         if self._mpp_override is not None:
             mpp_x = mpp_y = float(self._mpp_override)
             source = "override"
-        elif mpp_x is None or mpp_y is None:
+        if mpp_x is None or mpp_y is None:
             raise MissingMppError(
                 f"{self.path.name} has no µm/px metadata; pass --mpp with the scan's pixel size "
                 "(e.g. --mpp 0.25 for 40×, --mpp 0.5 for 20×)"
             )
-        elif not all(MPP_PLAUSIBLE_RANGE[0] <= m <= MPP_PLAUSIBLE_RANGE[1] for m in (mpp_x, mpp_y)):
+        if not all(MPP_PLAUSIBLE_RANGE[0] <= m <= MPP_PLAUSIBLE_RANGE[1] for m in (mpp_x, mpp_y)):
             raise MissingMppError(
                 f"{self.path.name} states {mpp_x:.4g} µm/px, which no microscope scan has (often a "
                 "TIFF default resolution); pass --mpp with the scan's real pixel size"
             )
-        assert mpp_x is not None and mpp_y is not None  # narrowed above
         if abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
-            logger.warning("%s has anisotropic pixels (%.4f × %.4f µm); using their mean",
-                           self.path.name, mpp_x, mpp_y)
+            logger.warning(
+                "%s has anisotropic pixels (%.4f × %.4f µm); using their mean", self.path.name, mpp_x, mpp_y
+            )
         vendor = props.get(f"{prefix}.vendor") or None
         if self.backend == "tiffslide" and vendor is None and "aperio.AppMag" in props:
             vendor = "aperio"
@@ -372,10 +372,11 @@ class Slide:
 
     def _probe(self) -> None:
         """Decode one pixel of the coarsest level so unsupported codecs fail at open, not mid-run."""
-        level = self.info.level_count - 1
-        w, h = self.info.level_dimensions[level]
-        ds = self.info.level_downsamples[level]
-        self.read_level((int(w // 2 * ds), int(h // 2 * ds)), level, (1, 1))
+        handle = self._h
+        level = int(handle.level_count) - 1
+        w, h = handle.level_dimensions[level]
+        ds = float(handle.level_downsamples[level])
+        self._read_raw((int(w // 2 * ds), int(h // 2 * ds)), level, (1, 1))
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -437,9 +438,7 @@ class Slide:
                 best = i
         return best
 
-    def read_level(
-        self, location: tuple[int, int], level: int, size: tuple[int, int]
-    ) -> NDArray[np.uint8]:
+    def read_level(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> NDArray[np.uint8]:
         """Raw pixels of ``level`` (H×W×3 uint8); ``location`` in level-0 px; outside = white glass."""
         if not 0 <= level < self.info.level_count:
             raise ValueError(f"level {level} out of range 0..{self.info.level_count - 1}")
@@ -449,13 +448,13 @@ class Slide:
         ds = self.info.level_downsamples[level]
         lw, lh = self.info.level_dimensions[level]
         # Clip to the level so both backends agree outside the image (white, like empty glass).
-        lx, ly = int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds))
+        lx, ly = math.floor(location[0] / ds), math.floor(location[1] / ds)
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
         out = np.full((h, w, 3), _WHITE, dtype=np.uint8)
         if cx1 <= cx0 or cy1 <= cy0:
             return out
-        loc0 = (int(round(cx0 * ds)), int(round(cy0 * ds)))
+        loc0 = (round(cx0 * ds), round(cy0 * ds))
         if cx0 == lx and cy0 == ly:
             loc0 = (int(location[0]), int(location[1]))
         region = self._read_raw(loc0, level, (cx1 - cx0, cy1 - cy0))
@@ -523,13 +522,11 @@ class Slide:
         if abs(scale - 1.0) < 1e-6 and float(fx).is_integer() and float(fy).is_integer():
             return self.read_level((int(location[0]), int(location[1])), lvl, (w, h))
         # Source window in level pixels, with a margin for the resampling kernel.
-        margin = int(math.ceil(2 * max(scale, 1.0))) + 1
-        sx0, sy0 = int(math.floor(fx)) - margin, int(math.floor(fy)) - margin
-        sx1 = int(math.ceil(fx + w * scale)) + margin
-        sy1 = int(math.ceil(fy + h * scale)) + margin
-        src = self.read_level(
-            (int(round(sx0 * ds)), int(round(sy0 * ds))), lvl, (sx1 - sx0, sy1 - sy0)
-        )
+        margin = math.ceil(2 * max(scale, 1.0)) + 1
+        sx0, sy0 = math.floor(fx) - margin, math.floor(fy) - margin
+        sx1 = math.ceil(fx + w * scale) + margin
+        sy1 = math.ceil(fy + h * scale) + margin
+        src = self.read_level((round(sx0 * ds), round(sy0 * ds)), lvl, (sx1 - sx0, sy1 - sy0))
         box = (fx - sx0, fy - sy0, fx - sx0 + w * scale, fy - sy0 + h * scale)
         img = Image.fromarray(src).resize((w, h), resample=Image.Resampling.BILINEAR, box=box)
         return np.asarray(img, dtype=np.uint8)
@@ -538,7 +535,7 @@ class Slide:
         """The whole slide at ``mpp`` µm/px, read in blocks so memory stays bounded."""
         w0, h0 = self.dimensions
         scale = mpp / self.mpp
-        tw, th = max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale)))
+        tw, th = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         out = np.empty((th, tw, 3), dtype=np.uint8)
         for y in range(0, th, block):
             for x in range(0, tw, block):
@@ -565,7 +562,8 @@ def _to_rgb(arr: NDArray[Any]) -> NDArray[np.uint8]:
         if np.all(alpha == 255):
             return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
         out = rgb + ((255 - alpha) * _WHITE + 127) // 255
-        return np.clip(out, 0, 255).astype(np.uint8)
+        clipped: NDArray[np.uint8] = np.clip(out, 0, 255).astype(np.uint8)
+        return clipped
     return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
 
 

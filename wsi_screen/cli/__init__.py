@@ -1,0 +1,1 @@
+"""Command-line interface (click); the library never imports this package."""

@@ -1,0 +1,3 @@
+"""Imports every command module so their sub-commands register on :data:`wsi_screen.cli.main.cli`."""
+
+from wsi_screen.cli import slides  # noqa: F401

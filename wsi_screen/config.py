@@ -1,0 +1,307 @@
+"""Typed settings, built from YAML presets in ``configs/`` plus user files and CLI overrides.
+
+Resolution order (later wins): the ``default`` preset → a named preset (``lbc``, ``conventional``, …) →
+``--config FILE`` → ``--set section.key=value`` / dedicated CLI flags. Every parameter with a physical
+meaning is in µm, µm² or µm/px; pixel counts appear only where a model fixes them (tile and crop sizes).
+Invalid input raises :class:`~wsi_screen.errors.ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wsi_screen.errors import ConfigError
+
+__all__ = [
+    "AdequacySettings",
+    "ClassificationSettings",
+    "LocalizationSettings",
+    "OutputSettings",
+    "ReadingSettings",
+    "RuntimeSettings",
+    "Settings",
+    "SlideSettings",
+    "StainSettings",
+    "TilingSettings",
+    "TissueSettings",
+    "TriageSettings",
+    "list_presets",
+    "load_settings",
+    "parse_override",
+]
+
+BETHESDA_CLASSES = ("NILM", "ASC-US", "LSIL", "HSIL", "artifact")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SlideSettings(_Section):
+    """How slides are opened."""
+
+    backend: Literal["openslide", "tiffslide"] = "openslide"
+    mpp: float | None = Field(None, gt=0.02, lt=50.0, description="µm/px override (--mpp)")
+
+
+class TissueSettings(_Section):
+    """Cell-region detection on a low-resolution thumbnail (see :mod:`wsi_screen.tissue`)."""
+
+    thumbnail_mpp: float = Field(4.0, gt=0.5, le=64.0, description="thumbnail resolution, µm/px")
+    od_threshold: float = Field(0.035, gt=0.0, lt=2.0, description="min optical density of cellular pixels")
+    noise_factor: float = Field(4.0, ge=0.0, description="threshold ≥ this × glass noise (robust sigma)")
+    closing_um: float = Field(24.0, ge=0.0, description="closing radius merging nearby cells, µm")
+    min_object_area_um2: float = Field(60.0, ge=0.0, description="smallest kept object, µm²")
+    margin_um: float = Field(16.0, ge=0.0, description="dilation so cell borders are not cut, µm")
+    pen_od: float = Field(0.9, gt=0.0, description="mean optical density above which pixels are ink/label")
+    pen_min_area_um2: float = Field(40_000.0, ge=0.0, description="smallest ink/label blob excluded, µm²")
+    pen_margin_um: float = Field(80.0, ge=0.0, description="exclusion margin around ink, µm")
+    lbc_spot: Literal["auto", "off"] = "auto"
+
+
+class TilingSettings(_Section):
+    """The tile grid at the model's resolution."""
+
+    tile_size_px: int = Field(1024, ge=64, le=8192, description="tile core size at the model µm/px")
+    halo_um: float = Field(32.0, ge=0.0, le=512.0, description="context read around each tile core, µm")
+    min_tissue_fraction: float = Field(0.002, ge=0.0, le=1.0, description="keep tiles above this")
+
+
+class ReadingSettings(_Section):
+    """Reader threads and the bounded queues between stages."""
+
+    workers: int = Field(0, ge=0, le=256, description="reader threads (0 = one per CPU core)")
+    queue_tiles: int = Field(16, ge=1, le=4096, description="tiles in flight between reader and device")
+    max_unreadable_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail slide above this")
+
+
+class StainSettings(_Section):
+    """Reinhard normalization (target statistics come from the model bundle)."""
+
+    enabled: bool = True
+    mask_glass: bool = True
+    sample_tiles: int = Field(24, ge=1, le=4096, description="tiles sampled for slide source statistics")
+
+
+class LocalizationSettings(_Section):
+    """U-Net nucleus localization and candidate extraction."""
+
+    model: str = "nuclei-unet-v1"
+    threshold: float | None = Field(None, gt=0.0, lt=1.0, description="probability cut (None: bundle's)")
+    min_nucleus_area_um2: float = Field(6.0, ge=0.0, description="smallest nucleus kept, µm²")
+    max_nucleus_area_um2: float = Field(450.0, gt=0.0, description="largest nucleus kept, µm²")
+    min_peak_distance_um: float = Field(3.0, ge=0.0, description="min distance of split nuclei, µm")
+    batch_size: int = Field(4, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _areas(self) -> LocalizationSettings:
+        if self.max_nucleus_area_um2 <= self.min_nucleus_area_um2:
+            raise ValueError(
+                f"max_nucleus_area_um2 ({self.max_nucleus_area_um2}) must exceed "
+                f"min_nucleus_area_um2 ({self.min_nucleus_area_um2})"
+            )
+        return self
+
+
+class ClassificationSettings(_Section):
+    """Cell classifier bundle(s); several bundles are averaged (an ensemble)."""
+
+    models: list[str] = Field(default_factory=lambda: ["cyto-synth-v1"], min_length=1)
+    batch_size: int = Field(128, ge=1, le=65536)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class AdequacySettings(_Section):
+    """Specimen adequacy (Bethesda 2014: 5,000 squamous cells for LBC, 8,000 for smears)."""
+
+    preparation: Literal["lbc", "conventional"] = "lbc"
+    min_squamous_cells: int = Field(5000, ge=0)
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="a cell counts if max prob ≥ this")
+
+
+class TriageSettings(_Section):
+    """Slide-level triage rules (explained in docs/outputs.md)."""
+
+    confidence: float = Field(0.7, ge=0.0, le=1.0, description="a cell is confident if its prob ≥ this")
+    min_cells: dict[str, int] = Field(
+        default_factory=lambda: {"HSIL": 2, "LSIL": 3, "ASC-US": 5},
+        description="confident cells needed to suggest each category",
+    )
+    severity: dict[str, float] = Field(
+        default_factory=lambda: {"ASC-US": 0.5, "LSIL": 0.7, "HSIL": 1.0},
+        description="weight of each abnormal class in the ranking score",
+    )
+    top_k: int = Field(10, ge=1, le=10_000, description="cells averaged into the ranking score")
+    review_score: float = Field(0.5, ge=0.0, le=1.0, description="score that sends a slide to review")
+    priority_categories: list[str] = Field(default_factory=lambda: ["HSIL"])
+    review_categories: list[str] = Field(default_factory=lambda: ["ASC-US", "LSIL"])
+    min_cellular_area_mm2: float = Field(0.05, ge=0.0, description="QC: less cellular area is flagged")
+    max_artifact_fraction: float = Field(0.5, ge=0.0, le=1.0, description="QC: flag above this")
+
+
+class OutputSettings(_Section):
+    """What is written next to ``cells.zarr``."""
+
+    flag_min_score: float = Field(0.5, ge=0.0, le=1.0, description="cells exported to GeoJSON")
+    flag_max_cells: int = Field(5000, ge=0, description="cap on exported cells (highest score first)")
+    geojson_gzip: bool = False
+    object_type: Literal["detection", "cell"] = "cell"
+    top_n: int = Field(48, ge=0, le=1000, description="cells in summary top_cells and the report")
+    report: bool = True
+    zarr_chunk_cells: int = Field(65536, ge=1024, description="rows per Zarr chunk")
+
+
+class RuntimeSettings(_Section):
+    """Where and how the models run."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+    torch_threads: int = Field(0, ge=0, description="0 = torch default")
+
+
+class Settings(_Section):
+    """All settings of a run (``run.json`` records the resolved values)."""
+
+    preset: str = "default"
+    slide: SlideSettings = SlideSettings()
+    tissue: TissueSettings = TissueSettings()
+    tiling: TilingSettings = TilingSettings()
+    reading: ReadingSettings = ReadingSettings()
+    stain: StainSettings = StainSettings()
+    localization: LocalizationSettings = LocalizationSettings()
+    classification: ClassificationSettings = ClassificationSettings()
+    adequacy: AdequacySettings = AdequacySettings()
+    triage: TriageSettings = TriageSettings()
+    output: OutputSettings = OutputSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict."""
+        return json.loads(self.model_dump_json())  # type: ignore[no-any-return]
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """A copy with dotted-key overrides applied (``{"triage.confidence": 0.8}``)."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return _validate(data, source="overrides")
+
+
+def _presets_dir() -> Any:
+    return importlib.resources.files("wsi_screen.configs")
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped in ``configs/``."""
+    return sorted(p.name.removesuffix(".yaml") for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _preset_data(name: str) -> dict[str, Any]:
+    res = _presets_dir() / f"{name}.yaml"
+    if not res.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    return _read_yaml(res.read_text(encoding="utf-8"), f"preset {name}")
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown setting {key!r} (no section {part!r})")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value`` (value read as YAML: numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML") from exc
+    return key, value
+
+
+def _validate(data: Mapping[str, Any], *, source: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown setting {loc!r}{shown}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: invalid {loc}{shown}: {msg}") from None
+
+
+def load_settings(
+    preset: str | None = None,
+    *,
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings from the default preset, a named preset, a YAML file and overrides."""
+    data = _preset_data("default")
+    name = preset or "default"
+    if preset and preset != "default":
+        data = _deep_merge(data, _preset_data(preset))
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        user = _read_yaml(path.read_text(encoding="utf-8"), str(path))
+        if "preset" in user and user["preset"] != name and preset is None:
+            data = _deep_merge(data, _preset_data(str(user["preset"])))
+        data = _deep_merge(data, user)
+        name = str(user.get("preset", name))
+    data["preset"] = name
+    source = str(config) if config is not None else f"preset {name}"
+    settings = _validate(data, source=source)
+    if overrides:
+        settings = settings.with_overrides(overrides)
+    return settings
