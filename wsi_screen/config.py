@@ -124,11 +124,19 @@ class ClassificationSettings(_Section):
 
 
 class AdequacySettings(_Section):
-    """Specimen adequacy (Bethesda 2014: 5,000 squamous cells for LBC, 8,000 for smears)."""
+    """Specimen adequacy (Bethesda 2014: 5,000 squamous cells for LBC, 8,000 for conventional smears).
+
+    The estimate counts *well-preserved* cells: every cell whose predicted class is not in
+    ``exclude_classes`` and whose top class probability is at least ``min_confidence``.
+    """
 
     preparation: Literal["lbc", "conventional"] = "lbc"
-    min_squamous_cells: int = Field(5000, ge=0)
+    min_squamous_cells: int = Field(5000, ge=0, description="cells needed for an adequate specimen")
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="a cell counts if max prob ≥ this")
+    exclude_classes: list[str] = Field(
+        default_factory=lambda: ["artifact"],
+        description="predicted classes that are not well-preserved squamous cells",
+    )
 
 
 class TriageSettings(_Section):
@@ -141,7 +149,7 @@ class TriageSettings(_Section):
     )
     severity: dict[str, float] = Field(
         default_factory=lambda: {"ASC-US": 0.5, "LSIL": 0.7, "HSIL": 1.0},
-        description="weight of each abnormal class in the ranking score",
+        description="weight in [0, 1] of each abnormal class in the ranking score (unlisted: 1.0)",
     )
     top_k: int = Field(10, ge=1, le=10_000, description="cells averaged into the ranking score")
     review_score: float = Field(0.5, ge=0.0, le=1.0, description="score that sends a slide to review")
@@ -149,17 +157,48 @@ class TriageSettings(_Section):
     review_categories: list[str] = Field(default_factory=lambda: ["ASC-US", "LSIL"])
     min_cellular_area_mm2: float = Field(0.05, ge=0.0, description="QC: less cellular area is flagged")
     max_artifact_fraction: float = Field(0.5, ge=0.0, le=1.0, description="QC: flag above this")
+    max_out_of_focus_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="QC: flag when more of the processed tiles are out of focus"
+    )
+    max_unreadable_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="QC: flag when more of the processed tiles are unreadable"
+    )
+
+    @field_validator("severity")
+    @classmethod
+    def _severity_range(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not 0.0 <= w <= 1.0}
+        if bad:
+            raise ValueError(f"severity weights must lie in [0, 1], got {bad}")
+        return v
+
+    @field_validator("min_cells")
+    @classmethod
+    def _min_cells_positive(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"min_cells must be ≥ 1, got {bad}")
+        return v
 
 
 class OutputSettings(_Section):
-    """What is written next to ``cells.zarr``."""
+    """What is written next to ``cells.zarr`` (``wsi-screen export`` re-exports with other values)."""
 
     flag_min_score: float = Field(0.5, ge=0.0, le=1.0, description="cells exported to GeoJSON")
-    flag_max_cells: int = Field(5000, ge=0, description="cap on exported cells (highest score first)")
+    flag_classes: list[str] = Field(
+        default_factory=list, description="only cells predicted as these classes (empty: any class)"
+    )
+    flag_max_cells: int = Field(
+        5000, ge=0, description="cap on exported cells, highest score first (0: none)"
+    )
     geojson_gzip: bool = False
-    object_type: Literal["detection", "cell"] = "cell"
+    object_type: Literal["detection", "cell"] = "detection"
     top_n: int = Field(48, ge=0, le=1000, description="cells in summary top_cells and the report")
     report: bool = True
+    report_crop_um: float = Field(40.0, gt=0.0, le=500.0, description="side of the report's cell crops, µm")
+    report_heatmap_um: float = Field(
+        250.0, gt=0.0, le=10_000.0, description="side of a heat-map square in the report, µm"
+    )
     zarr_chunk_cells: int = Field(65536, ge=1024, description="rows per Zarr chunk")
 
 

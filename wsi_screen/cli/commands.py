@@ -1,3 +1,4 @@
 """Imports every command module so their sub-commands register on :data:`wsi_screen.cli.main.cli`."""
 
-from wsi_screen.cli import slides  # noqa: F401
+import wsi_screen.cli.evaluate_slides  # noqa: F401
+from wsi_screen.cli import export, slides  # noqa: F401
