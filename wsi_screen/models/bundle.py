@@ -81,6 +81,9 @@ class BundleConfig(BaseModel):
     abnormal_classes: list[str] = Field(default_factory=list)
     stain_target: StainTarget | None = None
     thresholds: dict[str, float] = Field(default_factory=dict)
+    inference: dict[str, Any] = Field(
+        default_factory=dict, description="model-specific inference parameters (e.g. context_um)"
+    )
     extra_features: list[str] = Field(default_factory=list, description="morphometric inputs")
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
