@@ -61,7 +61,10 @@ class TissueSettings(_Section):
     closing_um: float = Field(24.0, ge=0.0, description="closing radius merging nearby cells, µm")
     min_object_area_um2: float = Field(60.0, ge=0.0, description="smallest kept object, µm²")
     margin_um: float = Field(16.0, ge=0.0, description="dilation so cell borders are not cut, µm")
-    pen_od: float = Field(0.9, gt=0.0, description="mean optical density above which pixels are ink/label")
+    pen_od: float = Field(
+        0.9, gt=0.0, description="optical density (strongest channel) above which large blobs are ink/label"
+    )
+    label_od: float = Field(0.5, gt=0.0, description="OD of label/slide-edge blobs touching the border")
     pen_min_area_um2: float = Field(40_000.0, ge=0.0, description="smallest ink/label blob excluded, µm²")
     pen_margin_um: float = Field(80.0, ge=0.0, description="exclusion margin around ink, µm")
     lbc_spot: Literal["auto", "off"] = "auto"
@@ -157,6 +160,9 @@ class TriageSettings(_Section):
     review_categories: list[str] = Field(default_factory=lambda: ["ASC-US", "LSIL"])
     min_cellular_area_mm2: float = Field(0.05, ge=0.0, description="QC: less cellular area is flagged")
     max_artifact_fraction: float = Field(0.5, ge=0.0, le=1.0, description="QC: flag above this")
+    min_focus: float = Field(
+        25.0, ge=0.0, description="a tile is out of focus below this Laplacian variance (grey levels²)"
+    )
     max_out_of_focus_fraction: float = Field(
         0.1, ge=0.0, le=1.0, description="QC: flag when more of the processed tiles are out of focus"
     )

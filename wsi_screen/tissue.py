@@ -8,8 +8,9 @@ the glass, so Otsu splits the glass itself. Instead we
 2. compute per-pixel optical density relative to the glass, ``OD = -log10(I / I_glass)``, and keep
    pixels whose strongest channel exceeds ``max(od_threshold, noise_factor × glass noise)`` — pale
    cytoplasm is absorbing in at least one channel even when it is not saturated;
-3. exclude ink and label: large blobs of very dark pixels (mean OD ≥ ``pen_od``), with a margin, and
-   dark regions touching the thumbnail border (label edges, slide edges);
+3. exclude ink and label: large blobs of very dark pixels (OD ≥ ``pen_od`` in their strongest
+   channel: black, blue or green marker), with a margin, and large darkish regions (OD ≥
+   ``label_od``) touching the thumbnail border (label edges, slide edges);
 4. close small gaps (``closing_um``), drop specks smaller than ``min_object_area_um2`` (a lymphocyte
    is kept), and dilate by ``margin_um`` so the borders of cells are not cut;
 5. for LBC (``lbc_spot: auto``) fit the circular spot and drop what lies outside it, when the cells
@@ -122,24 +123,26 @@ def detect_cell_regions(
     glass, noise = _glass_estimate(rgb)
     od = -np.log10(np.clip(rgb, 1.0, None) / glass)
     od_max = od.max(axis=2)
-    od_mean = od.mean(axis=2)
     threshold = max(s.od_threshold, s.noise_factor * noise)
     cellular = od_max > threshold
 
     px_area = mpp * mpp
-    # Ink, label and slide-edge darkness: large very dark blobs, or dark blobs touching the border.
-    dark = od_mean > s.pen_od
-    excluded = np.zeros_like(dark)
-    if dark.any():
+    # Ink (large very dark blobs anywhere) and label / slide edges (large darkish blobs touching the
+    # border of the thumbnail).
+    excluded = np.zeros(od_max.shape, dtype=bool)
+    for dark, border_only in ((od_max > s.pen_od, False), (od_max > s.label_od, True)):
+        if not dark.any():
+            continue
         labels, n = ndi.label(dark)
         sizes = ndi.sum_labels(dark, labels, index=np.arange(1, n + 1))
-        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
         big = np.flatnonzero(sizes * px_area >= s.pen_min_area_um2) + 1
-        drop = np.union1d(big, border[border > 0])
-        if len(drop):
-            excluded = np.isin(labels, drop)
-            if s.pen_margin_um > 0:
-                excluded = ndi.binary_dilation(excluded, structure=_disk(s.pen_margin_um / mpp))
+        if border_only:
+            border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+            big = np.intersect1d(big, border[border > 0])
+        if len(big):
+            excluded |= np.isin(labels, big)
+    if excluded.any() and s.pen_margin_um > 0:
+        excluded = ndi.binary_dilation(excluded, structure=_disk(s.pen_margin_um / mpp))
     cellular &= ~excluded
 
     if s.closing_um > 0:
