@@ -1,0 +1,796 @@
+"""Screen one slide: the staged pipeline from slide file to ``OUT/<slide-id>/``.
+
+Stages and threads::
+
+    reader threads ──(bounded, in order)──► device stage ──(bounded queue)──► writer thread
+    read_region at the model µm/px          Reinhard → U-Net → candidates     cells.zarr appends
+    (core + halo windows)                   → ownership → crops → classifier
+
+Memory is bounded by the queue sizes (``reading.queue_tiles``, the device batch and the writer
+queue), not by the slide. Every output is written into a temporary sibling directory that is renamed
+to ``OUT/<slide-id>`` only when complete, so a crash never leaves a half result that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wsi_screen import __version__
+from wsi_screen.cells import CellTable
+from wsi_screen.config import Settings
+from wsi_screen.errors import ConfigError, CorruptSlideError
+from wsi_screen.reader import ReaderStats, iter_windows
+from wsi_screen.slide import Slide, open_slide
+from wsi_screen.tiling import Tile, TileGrid, make_grid
+
+if TYPE_CHECKING:
+    import torch
+
+    from wsi_screen.classify import CellClassifier
+    from wsi_screen.localize import Localizer
+    from wsi_screen.stain import ReinhardStats
+    from wsi_screen.tissue import CellRegions
+
+__all__ = [
+    "Models",
+    "SlideResult",
+    "TileProcessor",
+    "estimate_source_stats",
+    "load_models",
+    "run_slide",
+    "slide_id_for",
+]
+
+logger = logging.getLogger(__name__)
+
+_SLIDE_ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+ProgressCallback = Callable[[int, int], None]
+
+
+def slide_id_for(path: str | os.PathLike[str]) -> str:
+    """A safe folder name for a slide: its file stem with anything but ``[A-Za-z0-9._-]`` replaced.
+
+    Never empty, never starts with a dot, never contains a path separator, at most 96 characters.
+    """
+    p = Path(path)
+    stem = p.name if p.is_dir() else p.stem
+    if stem.lower().endswith((".ome",)):
+        stem = stem[:-4]
+    text = _SLIDE_ID_BAD.sub("_", stem).strip("._-")[:96]
+    return text or "slide"
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """The loaded localization and classification models, and the device they run on."""
+
+    localizer: Localizer
+    classifier: CellClassifier
+    device: torch.device
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Names, versions and sha256 of every model (for ``run.json`` and ``cells.zarr``)."""
+        out = [
+            {
+                "task": "localization",
+                "name": self.localizer.bundle.name,
+                "version": self.localizer.bundle.config.version,
+                "sha256": self.localizer.bundle.sha256,
+            }
+        ]
+        out += [
+            {"task": "classification", "name": b.name, "version": b.config.version, "sha256": b.sha256}
+            for b in self.classifier.bundles
+        ]
+        return out
+
+
+def load_models(settings: Settings, *, device: torch.device | None = None) -> Models:
+    """Load the bundles named in ``settings`` onto the device (``runtime.device``)."""
+    from wsi_screen.classify import CellClassifier
+    from wsi_screen.localize import Localizer
+    from wsi_screen.models.bundle import load_bundle
+    from wsi_screen.runtime import configure_torch, resolve_device
+
+    configure_torch(threads=settings.runtime.torch_threads)
+    dev = device if device is not None else resolve_device(settings.runtime.device)
+    loc_bundle = load_bundle(settings.localization.model, task="localization")
+    cls_bundles = [load_bundle(m, task="classification") for m in settings.classification.models]
+    localizer = Localizer(loc_bundle, settings=settings.localization, device=dev)
+    classifier = CellClassifier(cls_bundles, device=dev, batch_size=settings.classification.batch_size)
+    logger.info(
+        "models on %s: localization %s, classification %s",
+        dev,
+        loc_bundle.name,
+        " + ".join(classifier.names),
+    )
+    return Models(localizer=localizer, classifier=classifier, device=dev)
+
+
+# -- stain statistics ---------------------------------------------------------------------------------
+
+
+def estimate_source_stats(
+    slide: Slide, grid: TileGrid, *, n_tiles: int, mask_glass: bool, size: int = 512
+) -> ReinhardStats | None:
+    """Slide-level Reinhard source statistics from ``n_tiles`` kept tiles spread over the slide.
+
+    Returns None when the slide has no kept tile, or when every sampled pixel is glass.
+    """
+    from wsi_screen.stain import glass_mask, lab_stats
+
+    kept = list(grid.tiles(kept_only=True))
+    if not kept:
+        return None
+    # Most cellular tiles first, then spread evenly over the slide (deterministic).
+    kept.sort(key=lambda t: (-t.tissue_fraction, t.index))
+    pool = kept[: max(n_tiles * 4, n_tiles)]
+    step = max(1, len(pool) // n_tiles)
+    chosen = sorted(pool[::step][:n_tiles], key=lambda t: t.index)
+    side = min(size, grid.tile_size)
+    patches = []
+    for t in chosen:
+        off = (grid.tile_size - side) / 2 * grid.scale
+        patches.append(slide.read_region((t.x0 + off, t.y0 + off), (side, side), mpp=grid.mpp))
+    batch = np.stack(patches)
+    mask = glass_mask(batch) if mask_glass else None
+    if mask is not None and bool(mask.all()):
+        return None
+    try:
+        return lab_stats(batch, mask=mask)
+    except ValueError:
+        return None
+
+
+# -- device stage ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    """What the device stage returns for a batch of tiles."""
+
+    tables: list[CellTable]
+    focus: list[float]
+    crops: torch.Tensor | None = None  # (N, S, S, 3) uint8, when ``keep_crops``
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _focus(gray: torch.Tensor, od: torch.Tensor, halo: int, *, min_fraction: float = 0.01) -> list[float]:
+    """Per tile: variance of the Laplacian over cellular pixels of the core (NaN if too few)."""
+    import torch
+
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=gray.device)
+    lap = torch.nn.functional.conv2d(gray[:, None], k[None, None], padding=1)[:, 0]
+    if halo > 0:
+        lap = lap[:, halo:-halo, halo:-halo]
+        od = od[:, halo:-halo, halo:-halo]
+    out = []
+    for b in range(lap.shape[0]):
+        sel = od[b] > 0.08
+        if float(sel.float().mean()) < min_fraction:
+            out.append(float("nan"))
+        else:
+            out.append(float(lap[b][sel].float().var()))
+    return out
+
+
+class TileProcessor:
+    """Device stage for a batch of windows: normalize → localize → own → crop → classify.
+
+    Also used by training, so that crops seen in training and in screening come from the same code.
+    """
+
+    def __init__(
+        self,
+        *,
+        localizer: Localizer,
+        classifier: CellClassifier | None,
+        grid: TileGrid,
+        source: ReinhardStats | None,
+        target: ReinhardStats | None,
+        crop_size: int,
+        device: torch.device,
+        keep_crops: bool = False,
+    ) -> None:
+        if 2 * grid.halo < crop_size:
+            raise ConfigError(
+                f"tiling.halo_um gives a halo of {grid.halo} px, less than half a {crop_size} px crop: "
+                f"set tiling.halo_um ≥ {crop_size / 2 * grid.mpp:g}"
+            )
+        self.localizer = localizer
+        self.classifier = classifier
+        self.grid = grid
+        self.source = source
+        self.target = target
+        self.crop_size = int(crop_size)
+        self.device = device
+        self.keep_crops = keep_crops
+
+    def normalize(self, windows: torch.Tensor) -> torch.Tensor:
+        """Reinhard towards the bundle target with the slide's source statistics (or pass through)."""
+        from wsi_screen.stain import reinhard
+
+        if self.target is None or self.source is None:
+            return windows
+        return reinhard(windows, self.target, source=self.source)
+
+    def __call__(self, tiles: Sequence[Tile], windows: Sequence[NDArray[np.uint8]]) -> BatchResult:
+        import torch
+
+        from wsi_screen.classify import cut_crops
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.stack(windows))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        norm = self.normalize(x)
+        gray = norm.float().mean(dim=3)
+        od = -torch.log10(torch.clamp(gray, min=1.0) / 255.0)
+        focus = _focus(gray, od, self.grid.halo)
+        t1 = time.perf_counter()
+        timings["normalize"] = t1 - t0
+        cands = self.localizer.localize(norm, window_mpp=self.grid.mpp, halo_px=self.grid.halo)
+        t2 = time.perf_counter()
+        timings["localize"] = t2 - t1
+
+        tables: list[CellTable] = []
+        tile_idx: list[NDArray[np.int64]] = []
+        cxs: list[NDArray[np.int64]] = []
+        cys: list[NDArray[np.int64]] = []
+        for b, (tile, c) in enumerate(zip(tiles, cands, strict=True)):
+            lx, ly = tile.to_level0(c.x, c.y)
+            own = np.flatnonzero(tile.owns(lx, ly))
+            outlines = []
+            for i in own:
+                poly = np.asarray(c.outlines[i], np.float64)
+                px, py = tile.to_level0(poly[:, 0], poly[:, 1])
+                outlines.append(np.stack([px, py], axis=1).astype(np.float32))
+            tables.append(
+                CellTable.from_rows(
+                    x=lx[own],
+                    y=ly[own],
+                    outlines=outlines,
+                    tile=tile.index,
+                    detection_score=np.asarray(c.detection_score)[own],
+                    morphometrics={k: np.asarray(v)[own] for k, v in c.morphometrics.items()},
+                )
+            )
+            tile_idx.append(np.full(len(own), b, np.int64))
+            cxs.append(np.floor(np.asarray(c.x)[own]).astype(np.int64))
+            cys.append(np.floor(np.asarray(c.y)[own]).astype(np.int64))
+        ti = torch.from_numpy(np.concatenate(tile_idx)) if tile_idx else torch.zeros(0, dtype=torch.long)
+        crops = cut_crops(
+            norm,
+            ti,
+            torch.from_numpy(np.concatenate(cxs)) if cxs else ti,
+            torch.from_numpy(np.concatenate(cys)) if cys else ti,
+            self.crop_size,
+        )
+        t3 = time.perf_counter()
+        timings["crop"] = t3 - t2
+        if self.classifier is not None:
+            probs = self.classifier.predict(crops).float().cpu().numpy()
+            start = 0
+            for i, t in enumerate(tables):
+                tables[i] = t.with_probs(probs[start : start + len(t)])
+                start += len(t)
+        timings["classify"] = time.perf_counter() - t3
+        return BatchResult(
+            tables=tables, focus=focus, crops=crops if self.keep_crops else None, timings=timings
+        )
+
+
+# -- writer stage -----------------------------------------------------------------------------------
+
+
+class _Writer(threading.Thread):
+    """Appends finished tiles' cells to the store from a bounded queue (off the critical path)."""
+
+    def __init__(self, store: Any, maxsize: int) -> None:
+        super().__init__(name="wsi-writer", daemon=True)
+        self.store = store
+        self.queue: queue.Queue[CellTable | None] = queue.Queue(maxsize=maxsize)
+        self.busy_s = 0.0
+        self.idle_s = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            item = self.queue.get()
+            t1 = time.perf_counter()
+            self.idle_s += t1 - t0
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.store.append(item)
+            except BaseException as exc:
+                self.error = exc
+            self.busy_s += time.perf_counter() - t1
+
+    def put(self, table: CellTable) -> float:
+        """Queue a table; returns the seconds the caller was blocked (queue full)."""
+        if self.error is not None:
+            raise self.error
+        t0 = time.perf_counter()
+        self.queue.put(table)
+        return time.perf_counter() - t0
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+# -- one slide ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlideResult:
+    """The outcome of :func:`run_slide`."""
+
+    slide_id: str
+    out_dir: Path
+    summary: dict[str, Any]
+    n_cells: int
+    timings: dict[str, Any]
+
+    def triage_line(self) -> str:
+        """One line for the terminal: triage, category, score, cells."""
+        s = self.summary
+        triage = str(s.get("triage", "?")).upper()
+        return (
+            f"{self.slide_id}: {triage} — suggested {s.get('suggested_category')}, "
+            f"score {float(s.get('score') or 0.0):.3f}, {self.n_cells:,} cells"
+        )
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"wsi_screen": __version__, "python": platform.python_version()}
+    for pkg in (
+        "torch",
+        "timm",
+        "segmentation-models-pytorch",
+        "openslide-python",
+        "openslide-bin",
+        "tiffslide",
+        "zarr",
+        "numpy",
+        "scikit-image",
+    ):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _progress(total: int, *, enabled: bool, desc: str) -> Any:
+    """A tqdm bar on a terminal; otherwise a logger that reports every 10 %."""
+    from tqdm.auto import tqdm
+
+    if enabled and sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit="tile", dynamic_ncols=True, leave=False)
+
+    class _LogProgress:
+        def __init__(self) -> None:
+            self.n = 0
+            self.next = 0.1
+
+        def update(self, k: int) -> None:
+            self.n += k
+            if enabled and total and self.n / total >= self.next:
+                logger.info("%s: %d/%d tiles (%.0f %%)", desc, self.n, total, 100 * self.n / total)
+                while self.n / total >= self.next:
+                    self.next += 0.1
+
+        def close(self) -> None:
+            return None
+
+    return _LogProgress()
+
+
+def _atomic_dir(out_root: Path, slide_id: str) -> Path:
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = out_root / f".{slide_id}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp dir into place, replacing an older result."""
+    old: Path | None = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def run_slide(
+    slide_path: str | os.PathLike[str],
+    out_root: str | os.PathLike[str],
+    *,
+    settings: Settings,
+    models: Models | None = None,
+    slide_id: str | None = None,
+    progress: bool = True,
+    arguments: Mapping[str, Any] | None = None,
+    on_tile: ProgressCallback | None = None,
+) -> SlideResult:
+    """Screen one slide and write ``OUT/<slide-id>/`` atomically.
+
+    Args:
+        slide_path: the slide (or DICOM series folder).
+        out_root: the output root ``OUT``.
+        settings: resolved settings.
+        models: loaded models (loaded from ``settings`` when None; pass them to reuse across slides).
+        slide_id: folder name (default: :func:`slide_id_for`).
+        progress: show a progress bar (or log lines when not on a terminal).
+        arguments: the command-line arguments, recorded in ``run.json``.
+        on_tile: called with (tiles done, tiles total) after each batch.
+    """
+    import torch
+
+    from wsi_screen.geojson import select_cells, write_geojson
+    from wsi_screen.report import build_report, write_report
+    from wsi_screen.store import TILE_UNREADABLE, read_cells
+    from wsi_screen.summary import summarize, write_summary
+    from wsi_screen.tissue import qc_thumbnail_png, slide_cell_regions
+
+    t_start = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    timings: dict[str, Any] = {}
+    sid = slide_id or slide_id_for(slide_path)
+    out_root = Path(out_root)
+    if models is None:
+        t0 = time.perf_counter()
+        models = load_models(settings)
+        timings["load_models"] = time.perf_counter() - t0
+    classifier = models.classifier
+    localizer = models.localizer
+
+    t0 = time.perf_counter()
+    slide = open_slide(slide_path, backend=settings.slide.backend, mpp=settings.slide.mpp)
+    tmp = _atomic_dir(out_root, sid)
+    try:
+        with slide:
+            fingerprint = slide.fingerprint()
+            timings["open"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            regions: CellRegions = slide_cell_regions(slide, settings.tissue)
+            grid = make_grid(
+                slide.dimensions,
+                slide_mpp=slide.mpp,
+                mpp=classifier.mpp,
+                tile_size=settings.tiling.tile_size_px,
+                halo_um=settings.tiling.halo_um,
+                mask=regions.mask,
+                mask_mpp=regions.mpp,
+                min_tissue_fraction=settings.tiling.min_tissue_fraction,
+            )
+            timings["cell_regions"] = time.perf_counter() - t0
+            (tmp / "qc_regions.png").write_bytes(qc_thumbnail_png(regions))
+
+            t0 = time.perf_counter()
+            target = classifier.bundles[0].config.stain_target
+            target_stats = None
+            source = None
+            if settings.stain.enabled and target is not None:
+                from wsi_screen.stain import ReinhardStats
+
+                target_stats = ReinhardStats(mu=target.mu, sigma=target.sigma)
+                source = estimate_source_stats(
+                    slide, grid, n_tiles=settings.stain.sample_tiles, mask_glass=settings.stain.mask_glass
+                )
+            timings["stain_stats"] = time.perf_counter() - t0
+
+            processor = TileProcessor(
+                localizer=localizer,
+                classifier=classifier,
+                grid=grid,
+                source=source,
+                target=target_stats,
+                crop_size=classifier.input_size,
+                device=models.device,
+            )
+            slide_info = {
+                "path": str(Path(slide_path).resolve()),
+                "name": Path(slide_path).name,
+                "fingerprint": fingerprint,
+                "dimensions": list(slide.dimensions),
+                "mpp": slide.mpp,
+                "mpp_source": slide.info.mpp_source,
+                "vendor": slide.vendor,
+                "objective_power": slide.objective_power,
+                "backend": slide.backend,
+            }
+            attrs = {
+                "models": models.describe(),
+                "mpp": grid.mpp,
+                "slide": slide_info,
+                "config": settings.to_dict(),
+                "stain": {
+                    "target": None if target_stats is None else target_stats.to_dict(),
+                    "source": None if source is None else source.to_dict(),
+                },
+            }
+            n_cells, stage, status, focus, _n_tile_cells = _run_tiles(
+                slide,
+                grid,
+                processor,
+                store_path=tmp / "cells.zarr",
+                class_names=classifier.class_names,
+                abnormal_classes=classifier.abnormal_classes,
+                attrs=attrs,
+                settings=settings,
+                progress=progress,
+                on_tile=on_tile,
+            )
+            timings.update(stage.pop("timings"))
+            n_processed = grid.n_kept
+            n_unreadable = int((status == TILE_UNREADABLE).sum())
+            if n_processed and n_unreadable / n_processed > settings.reading.max_unreadable_fraction:
+                raise CorruptSlideError(
+                    f"{Path(slide_path).name}: {n_unreadable} of {n_processed} tiles could not be decoded "
+                    f"(limit {settings.reading.max_unreadable_fraction:.0%}, reading.max_unreadable_fraction)"
+                )
+
+            t0 = time.perf_counter()
+            cells, _ = read_cells(tmp / "cells.zarr")
+            focus_arr = np.asarray(focus, np.float32)
+            out_of_focus = int(np.sum(focus_arr[np.isfinite(focus_arr)] < settings.triage.min_focus))
+            timings_all = {k: round(float(v), 4) for k, v in timings.items()}
+            versions = _versions()
+            summary = summarize(
+                cells,
+                class_names=classifier.class_names,
+                abnormal_classes=classifier.abnormal_classes,
+                settings=settings,
+                cellular_area_mm2=regions.area_um2 / 1e6,
+                tiles_total=n_processed,
+                tiles_unreadable=n_unreadable,
+                tiles_out_of_focus=out_of_focus,
+                timings=timings_all,
+                versions={**versions, "models": models.describe()},
+                extra={"slide_id": sid, "slide": slide_info},
+            )
+            write_summary(tmp / "summary.json", summary)
+            flagged = select_cells(
+                cells,
+                class_names=classifier.class_names,
+                abnormal_classes=classifier.abnormal_classes,
+                min_score=settings.output.flag_min_score,
+                classes=settings.output.flag_classes or None,
+                max_cells=settings.output.flag_max_cells or None,
+            )
+            write_geojson(
+                tmp / "flagged.geojson",
+                cells,
+                class_names=classifier.class_names,
+                abnormal_classes=classifier.abnormal_classes,
+                slide_id=fingerprint,
+                index=flagged,
+                object_type=settings.output.object_type,
+                bounds=slide.dimensions,
+                slide_mpp=slide.mpp,
+                gzip=settings.output.geojson_gzip,
+                metadata={"slide": slide_info["name"], "slide_id": sid},
+            )
+            if settings.output.report:
+
+                def read_crop(x: float, y: float, size: int) -> NDArray[np.uint8]:
+                    side_um = size * slide.mpp
+                    out_px = max(32, min(256, round(side_um / max(grid.mpp, slide.mpp))))
+                    m = side_um / out_px
+                    return slide.read_region((x - size / 2, y - size / 2), (out_px, out_px), mpp=m)
+
+                html = build_report(
+                    summary=summary,
+                    cells=cells,
+                    class_names=classifier.class_names,
+                    thumbnail=regions.thumbnail,
+                    thumbnail_mpp=regions.mpp,
+                    slide_mpp=slide.mpp,
+                    read_crop=read_crop,
+                    title=Path(slide_path).name,
+                    crop_um=settings.output.report_crop_um,
+                    heatmap_um=settings.output.report_heatmap_um,
+                    max_gallery=settings.output.top_n,
+                )
+                write_report(tmp / "report.html", html)
+            timings["outputs"] = time.perf_counter() - t0
+            timings["total"] = time.perf_counter() - t_start
+            run_info = {
+                "wsi_screen_version": __version__,
+                "slide_id": sid,
+                "slide": slide_info,
+                "arguments": dict(arguments or {}),
+                "config": settings.to_dict(),
+                "versions": versions,
+                "models": models.describe(),
+                "device": str(models.device),
+                "torch_threads": torch.get_num_threads(),
+                "grid": grid.to_dict(),
+                "cell_regions": regions.summary(),
+                "stain": attrs["stain"],
+                "n_cells": n_cells,
+                "tiles": {
+                    "total": grid.n_tiles,
+                    "processed": n_processed,
+                    "unreadable": n_unreadable,
+                    "out_of_focus": out_of_focus,
+                },
+                "timings": {k: round(float(v), 4) for k, v in timings.items()},
+                "stages": stage,
+                "started": started.isoformat(),
+                "finished": datetime.now(timezone.utc).isoformat(),
+                "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+            }
+            _write_json(tmp / "run.json", run_info)
+        final = out_root / sid
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = SlideResult(
+        slide_id=sid, out_dir=final, summary=summary, n_cells=n_cells, timings=run_info["timings"]
+    )
+    logger.info("%s in %.1f s", result.triage_line(), timings["total"])
+    return result
+
+
+def _run_tiles(
+    slide: Slide,
+    grid: TileGrid,
+    processor: TileProcessor,
+    *,
+    store_path: Path,
+    class_names: Sequence[str],
+    abnormal_classes: Sequence[str],
+    attrs: Mapping[str, Any],
+    settings: Settings,
+    progress: bool,
+    on_tile: ProgressCallback | None,
+) -> tuple[int, dict[str, Any], NDArray[np.uint8], list[float], NDArray[np.int64]]:
+    """Reader threads → device stage → writer thread over every kept tile."""
+    from wsi_screen.runtime import cpu_count
+    from wsi_screen.store import TILE_DONE, TILE_SKIPPED, TILE_UNREADABLE, CellStoreWriter
+
+    tiles = list(grid.tiles(kept_only=True))
+    status = np.full(grid.n_tiles, TILE_SKIPPED, np.uint8)
+    focus = [float("nan")] * grid.n_tiles
+    n_tile_cells = np.zeros(grid.n_tiles, np.int64)
+    workers = settings.reading.workers or cpu_count()
+    batch_tiles = max(1, settings.localization.batch_size)
+    reader_stats = ReaderStats()
+    device_busy = 0.0
+    device_timings: dict[str, float] = {"normalize": 0.0, "localize": 0.0, "crop": 0.0, "classify": 0.0}
+    writer_block = 0.0
+    n_cells = 0
+    store = CellStoreWriter(
+        store_path,
+        class_names=class_names,
+        abnormal_classes=abnormal_classes,
+        attrs=attrs,
+        chunk_cells=settings.output.zarr_chunk_cells,
+    )
+    writer = _Writer(store, maxsize=max(2, settings.reading.queue_tiles))
+    writer.start()
+    bar = _progress(len(tiles), enabled=progress, desc=slide.path.name)
+    t_loop = time.perf_counter()
+    done = 0
+    try:
+        batch: list[tuple[Tile, NDArray[np.uint8]]] = []
+
+        def flush() -> None:
+            nonlocal device_busy, writer_block, n_cells
+            if not batch:
+                return
+            t0 = time.perf_counter()
+            res = processor([t for t, _ in batch], [w for _, w in batch])
+            device_busy += time.perf_counter() - t0
+            for key, value in res.timings.items():
+                device_timings[key] = device_timings.get(key, 0.0) + value
+            for (tile, _), table, f in zip(batch, res.tables, res.focus, strict=True):
+                status[tile.index] = TILE_DONE
+                focus[tile.index] = f
+                n_tile_cells[tile.index] = len(table)
+                n_cells += len(table)
+                writer_block += writer.put(table)
+            batch.clear()
+
+        for read in iter_windows(
+            slide,
+            tiles,
+            mpp=grid.mpp,
+            workers=workers,
+            prefetch=settings.reading.queue_tiles,
+            stats=reader_stats,
+        ):
+            if read.window is None:
+                status[read.tile.index] = TILE_UNREADABLE
+            else:
+                batch.append((read.tile, read.window))
+            if len(batch) >= batch_tiles:
+                flush()
+            done += 1
+            bar.update(1)
+            if on_tile is not None:
+                on_tile(done, len(tiles))
+        flush()
+        writer.finish()
+        store.write_tiles(grid, status, n_tile_cells, np.asarray(focus, np.float32))
+        store.close()
+    finally:
+        bar.close()
+        if writer.is_alive():
+            writer.finish()
+    loop_s = time.perf_counter() - t_loop
+    device_idle = reader_stats.consumer_wait_s
+    stage = {
+        "reader": reader_stats.to_dict(),
+        "device": {
+            "busy_s": round(device_busy, 4),
+            "waiting_for_reader_s": round(device_idle, 4),
+            "idle_fraction": round(device_idle / loop_s, 4) if loop_s else 0.0,
+            "tiles_per_s": round(len(tiles) / loop_s, 3) if loop_s else 0.0,
+            "batch_tiles": batch_tiles,
+            **{f"{k}_s": round(v, 4) for k, v in device_timings.items()},
+        },
+        "writer": {
+            "busy_s": round(writer.busy_s, 4),
+            "idle_s": round(writer.idle_s, 4),
+            "idle_fraction": round(writer.idle_s / loop_s, 4) if loop_s else 0.0,
+            "device_blocked_s": round(writer_block, 4),
+        },
+        "timings": {"tiles": loop_s, **device_timings},
+    }
+    if math.isfinite(loop_s) and loop_s > 0:
+        logger.debug("stages: %s", stage)
+    return n_cells, stage, status, focus, n_tile_cells
