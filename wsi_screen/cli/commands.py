@@ -3,6 +3,7 @@
 from wsi_screen.cli import (  # noqa: F401
     evaluate_slides,
     export,
+    models,
     run,
     slides,
     train,
