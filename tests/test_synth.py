@@ -58,9 +58,7 @@ def _mask(poly: np.ndarray, shape: tuple[int, int], origin: tuple[int, int] = (0
 @pytest.fixture(scope="session")
 def synth_tiff(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
     path = tmp_path_factory.mktemp("synth") / "slide.tiff"
-    return synthesize_slide(
-        path, size=SIZE, mpp=MPP, seed=7, abnormal=ABNORMAL, spot=False, tile_size=TILE
-    )
+    return synthesize_slide(path, size=SIZE, mpp=MPP, seed=7, abnormal=ABNORMAL, spot=False, tile_size=TILE)
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +85,7 @@ EDGE_CELLS = (
 @pytest.fixture(scope="session")
 def edge_slide(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
     path = tmp_path_factory.mktemp("synth") / "edges.tiff"
-    return synthesize_slide(
-        path, size=(1024, 1024), cells=EDGE_CELLS, seed=3, tile_size=TILE, quality=95
-    )
+    return synthesize_slide(path, size=(1024, 1024), cells=EDGE_CELLS, seed=3, tile_size=TILE, quality=95)
 
 
 # -- parse_abnormal ------------------------------------------------------------------------------
@@ -183,8 +179,9 @@ def test_morphology_in_physical_units() -> None:
         assert 1.9 < np.mean(areas["koilocyte"]) / intermediate < 3.1
         assert np.mean(areas["superficial"]) < 26
         assert np.mean(ratio["hsil"]) > 0.3 > np.mean(ratio["intermediate"]) * 5
-        cell_d = [2 * math.sqrt(o.cell_area_um2 / math.pi)
-                  for o in layout_truth(lay).objects if o.kind == "hsil"]
+        cell_d = [
+            2 * math.sqrt(o.cell_area_um2 / math.pi) for o in layout_truth(lay).objects if o.kind == "hsil"
+        ]
         assert min(cell_d) > 11 and max(cell_d) < 21
         assert "debris" not in areas and "mucus" not in areas
 
@@ -207,8 +204,14 @@ def test_render_window_holds_every_outline() -> None:
 @pytest.mark.parametrize("preparation", ["lbc", "conventional"])
 def test_render_region_is_local(preparation: str) -> None:
     """A region renders to the same pixels alone as inside a larger render (strip rendering)."""
-    lay = random_layout((2600, 2300), seed=11, preparation=preparation, abnormal="HSIL=3",  # type: ignore[arg-type]
-                        spot=False, blur_fraction=0.2)
+    lay = random_layout(
+        (2600, 2300),
+        seed=11,
+        preparation=preparation,
+        abnormal="HSIL=3",  # type: ignore[arg-type]
+        spot=False,
+        blur_fraction=0.2,
+    )
     big = render_region(lay, 0, 0, 2600, 2300)
     renderer = Renderer(lay)
     for x0, y0, w, h in [(0, 0, 300, 200), (517, 1023, 1100, 701), (2100, 1900, 500, 400)]:
@@ -255,9 +258,7 @@ def test_pyramid_dimensions() -> None:
 @pytest.mark.parametrize("fixture", ["synth_tiff", "synth_svs"])
 def test_both_backends_agree_exactly(fixture: str, request: pytest.FixtureRequest) -> None:
     result: SynthResult = request.getfixturevalue(fixture)
-    with open_slide(result.path, backend="openslide") as a, open_slide(
-        result.path, backend="tiffslide"
-    ) as b:
+    with open_slide(result.path, backend="openslide") as a, open_slide(result.path, backend="tiffslide") as b:
         assert a.level_count == b.level_count == len(result.level_dimensions) >= 2
         assert a.level_dimensions == b.level_dimensions == result.level_dimensions
         assert a.level_downsamples == b.level_downsamples
@@ -336,14 +337,24 @@ def test_file_pixels_match_render_region(synth_tiff: SynthResult) -> None:
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, synth_tiff: SynthResult) -> None:
     again = synthesize_slide(
-        tmp_path / "slide.tiff", size=SIZE, mpp=MPP, seed=7, abnormal=ABNORMAL, spot=False,
+        tmp_path / "slide.tiff",
+        size=SIZE,
+        mpp=MPP,
+        seed=7,
+        abnormal=ABNORMAL,
+        spot=False,
         tile_size=TILE,
     )
     assert _sha(again.path) == _sha(synth_tiff.path)
     assert again.truth_path is not None and synth_tiff.truth_path is not None
     assert again.truth_path.read_bytes() == synth_tiff.truth_path.read_bytes()
     other = synthesize_slide(
-        tmp_path / "other.tiff", size=SIZE, mpp=MPP, seed=8, abnormal=ABNORMAL, spot=False,
+        tmp_path / "other.tiff",
+        size=SIZE,
+        mpp=MPP,
+        seed=8,
+        abnormal=ABNORMAL,
+        spot=False,
         tile_size=TILE,
     )
     assert _sha(other.path) != _sha(synth_tiff.path)
@@ -384,8 +395,11 @@ def test_truth_file_roundtrip_and_counts(synth_tiff: SynthResult) -> None:
             assert np.abs(disk.nucleus - mem.nucleus).max() <= 0.05 + 1e-9
     objs = {o["kind"]: o for o in raw["objects"]}
     assert "nucleus" not in objs.get("debris", {"kind": "debris"})
-    assert all(o["class"] == "artifact" for o in raw["objects"]
-               if o["kind"] in ("neutrophil", "lymphocyte", "debris", "mucus"))
+    assert all(
+        o["class"] == "artifact"
+        for o in raw["objects"]
+        if o["kind"] in ("neutrophil", "lymphocyte", "debris", "mucus")
+    )
 
 
 def test_truth_nuclei_are_dark_in_the_file(synth_tiff: SynthResult) -> None:

@@ -27,7 +27,10 @@ def test_cores_partition_the_slide(width: int, height: int, slide_mpp: float, ti
         assert np.all(np.abs(np.diff(cuts)[:-1] - step) <= 1.0)
         assert np.diff(cuts)[-1] <= step + 1.0
     assert grid.n_tiles == grid.rows * grid.cols
-    assert grid.cols == int(np.ceil(width / (tile * 0.25 / slide_mpp) - 1e-9))
+    # As few tiles as cover the slide: one fewer would leave more than a rounding pixel uncovered.
+    step = tile * 0.25 / slide_mpp
+    for n, length in ((grid.cols, width), (grid.rows, height)):
+        assert (n - 1) * step < length - 0.5 <= n * step
 
 
 def test_every_level0_pixel_owned_by_exactly_one_core() -> None:

@@ -365,9 +365,7 @@ def _polygon_shape(rng: np.random.Generator, n: int, irregularity: float, smooth
     return _chaikin(poly, smooth)
 
 
-def _fourier_shape(
-    rng: np.random.Generator, m: int, irregularity: float, lobes: int = 0
-) -> FloatArray:
+def _fourier_shape(rng: np.random.Generator, m: int, irregularity: float, lobes: int = 0) -> FloatArray:
     """Round outline with smooth bumps (``irregularity``) or ``lobes`` deep lobes, m vertices."""
     theta = np.arange(m) * (2 * math.pi / m)
     k = np.arange(2, 7)
@@ -586,7 +584,6 @@ def cell_geometry(spec: CellSpec, mpp: float) -> CellGeometry:
             h_center = n_center + ecc
             halo = h_shape + h_center
             halo_center = (float(h_center[0]), float(h_center[1]))
-
 
     folds: list[tuple[float, float, float, float, float, float]] = []
     if rng.uniform() < kind.fold_p:

@@ -125,16 +125,12 @@ def _cytoplasm_noise(rng: np.random.Generator, h: int, w: int, mpp: float, fine:
     k = 5.0 / 0.8
     ch, cw = math.ceil(gh / k) + 3, math.ceil(gw / k) + 3
     coarse = rng.standard_normal((ch, cw)).astype(np.float32) * np.float32(0.07 * 1.6)
-    up = Image.fromarray(coarse, mode="F").resize(
-        (round(cw * k), round(ch * k)), Image.Resampling.BILINEAR
-    )
+    up = Image.fromarray(coarse, mode="F").resize((round(cw * k), round(ch * k)), Image.Resampling.BILINEAR)
     off = round(k)
     grid += np.asarray(up, dtype=np.float32)[off : off + gh, off : off + gw]
     if s <= 1.0:
         return grid[:h, :w]
-    big = Image.fromarray(grid, mode="F").resize(
-        (round(gw * s), round(gh * s)), Image.Resampling.BICUBIC
-    )
+    big = Image.fromarray(grid, mode="F").resize((round(gw * s), round(gh * s)), Image.Resampling.BICUBIC)
     o = round(s)
     return np.asarray(big, dtype=np.float32)[o : o + h, o : o + w]
 

@@ -46,9 +46,7 @@ def layout_truth(layout: Layout, slide_name: str = "") -> SlideTruth:
         preparation=layout.preparation,
         stain=layout.stain.name,
         spot=layout.spot,
-        objects=tuple(
-            TruthObject.from_geometry(i, g, layout.mpp) for i, g in enumerate(layout.geometries)
-        ),
+        objects=tuple(TruthObject.from_geometry(i, g, layout.mpp) for i, g in enumerate(layout.geometries)),
     )
 
 
@@ -116,7 +114,12 @@ def synthesize_slide(
     _ = layout.geometries  # computed once here; pickled to the workers with the layout
     t2 = time.perf_counter()
     stats = write_slide(
-        layout, out, fmt=slide_fmt, tile_size=tile_size, quality=quality, level_factor=level_factor,
+        layout,
+        out,
+        fmt=slide_fmt,
+        tile_size=tile_size,
+        quality=quality,
+        level_factor=level_factor,
         workers=workers,
     )
     t3 = time.perf_counter()

@@ -309,7 +309,14 @@ def write_slide(
     size = out.stat().st_size
     logger.info(
         "wrote %s: %d×%d px, %d levels, %d strips on %d worker(s), %.1f MB in %.1f s",
-        out, w, h, len(dims), plan.n_strips, n_workers, size / 1e6, timings["write_total_s"],
+        out,
+        w,
+        h,
+        len(dims),
+        plan.n_strips,
+        n_workers,
+        size / 1e6,
+        timings["write_total_s"],
     )
     return WriteStats(out, dims, plan.n_strips, n_workers, size, timings)
 
@@ -335,8 +342,13 @@ def _write_pyramid(
     nxt: _LevelSink | None = None
     for i in range(len(dims) - 1, 0, -1):
         nxt = _LevelSink(
-            dims[i], tile=tile_size, quality=quality, factor=level_factor, spool=spool,
-            next_sink=nxt, keep_pixels=(i == len(dims) - 1),
+            dims[i],
+            tile=tile_size,
+            quality=quality,
+            factor=level_factor,
+            spool=spool,
+            next_sink=nxt,
+            keep_pixels=(i == len(dims) - 1),
         )
         sinks.insert(0, nxt)
     small_strips: list[U8] = []  # level-0 ÷ factor, kept only for a one-level SVS thumbnail
@@ -431,8 +443,7 @@ def _write_pyramid(
                     subsampling=(1, 1),
                     metadata=None,
                     software="wsi-screen synth",
-                    description=f"{_APERIO_HEAD}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - "
-                    f"{aperio_tail}",
+                    description=f"{_APERIO_HEAD}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - {aperio_tail}",
                 )
             for level, sink in enumerate(sinks, start=1):
                 lw, lh = dims[level]
@@ -444,21 +455,27 @@ def _write_pyramid(
                     )
                 else:
                     kwargs["subfiletype"] = 1  # reduced-resolution image
-                tif.write(
-                    sink.iter_tiles(), shape=(lh, lw, 3), **resolution(level), **kwargs, **common
-                )
+                tif.write(sink.iter_tiles(), shape=(lh, lw, 3), **resolution(level), **kwargs, **common)
             if fmt == "svs":
                 assert thumb is not None
                 label = _label_image(layout, out.stem)
                 tif.write(
-                    label, photometric="rgb", compression="lzw", metadata=None, subfiletype=1,
+                    label,
+                    photometric="rgb",
+                    compression="lzw",
+                    metadata=None,
+                    subfiletype=1,
                     software="wsi-screen synth",
                     description=f"{_APERIO_HEAD}label {label.shape[1]}x{label.shape[0]}",
                 )
                 macro = _macro_image(thumb, label)
                 tif.write(
-                    macro, photometric="rgb", compression="jpeg",
-                    compressionargs={"level": 90}, metadata=None, subfiletype=9,
+                    macro,
+                    photometric="rgb",
+                    compression="jpeg",
+                    compressionargs={"level": 90},
+                    metadata=None,
+                    subfiletype=9,
                     software="wsi-screen synth",
                     description=f"{_APERIO_HEAD}macro {macro.shape[1]}x{macro.shape[0]}",
                 )
