@@ -1,0 +1,1 @@
+"""Training: datasets, training loops and their helpers (imported lazily by ``wsi-screen train``)."""
