@@ -37,6 +37,7 @@ import torch
 from numpy.typing import NDArray
 
 __all__ = [
+    "DEFAULT_TARGET",
     "ReinhardStats",
     "glass_mask",
     "lab_stats",
@@ -137,6 +138,13 @@ class ReinhardStats:
                 + (f"; unknown {unknown}" if unknown else "")
             )
         return cls(mu=data["mu"], sigma=data["sigma"])
+
+
+#: Default Reinhard target: pooled lαβ statistics of the stained-cell pixels (glass masked) of the 495
+#: real Papanicolaou-stained Herlev cells in ``../shared/data/herlev``, computed by
+#: ``python pipelines/stain_target.py`` (13,887,435 pixels). Every shipped bundle stores it as
+#: ``stain_target``; slides are normalized towards it with slide-level source statistics.
+DEFAULT_TARGET = ReinhardStats(mu=(8.5852, -0.0756, 0.0085), sigma=(0.4091, 0.0926, 0.0218))
 
 
 def _stats_from_gram(gram: torch.Tensor, what: str) -> ReinhardStats:

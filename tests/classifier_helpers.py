@@ -1,0 +1,58 @@
+"""Helpers for the classifier-training tests: a classical nucleus detector standing in for the U-Net."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from wsi_screen.cells import MORPHOMETRICS
+from wsi_screen.localize import TileCandidates
+
+
+class ThresholdLocalizer:
+    """Dark blobs (mean optical density above ``od``) as nucleus candidates: no model, no weights.
+
+    It has the interface :class:`~wsi_screen.pipeline.TileProcessor` uses (``localize`` and
+    ``device``), so tests run the real device stage without a trained U-Net.
+    """
+
+    def __init__(self, *, od: float = 0.45, min_area_px: int = 40, device: str = "cpu") -> None:
+        self.od = od
+        self.min_area_px = min_area_px
+        self.device = torch.device(device)
+        self.bundle: Any = None
+
+    def localize(self, windows: torch.Tensor, *, window_mpp: float, halo_px: int) -> list[TileCandidates]:
+        out = []
+        for w in windows.cpu().numpy():
+            od = -np.log10(np.clip(w.astype(np.float32), 1.0, None) / 255.0).mean(axis=2)
+            labels, n = ndi.label(od > self.od)
+            if n == 0:
+                out.append(TileCandidates.empty())
+                continue
+            idx = np.arange(1, n + 1)
+            area = ndi.sum_labels(np.ones_like(od), labels, idx)
+            keep = idx[area >= self.min_area_px]
+            if not len(keep):
+                out.append(TileCandidates.empty())
+                continue
+            com = np.array(ndi.center_of_mass(np.ones_like(od), labels, keep)).reshape(-1, 2)
+            x, y = com[:, 1] + 0.5, com[:, 0] + 0.5
+            k = len(keep)
+            outlines = [
+                np.array([[xi - 4, yi - 4], [xi + 4, yi - 4], [xi + 4, yi + 4], [xi - 4, yi + 4]], np.float32)
+                for xi, yi in zip(x, y, strict=True)
+            ]
+            out.append(
+                TileCandidates(
+                    x=x.astype(np.float64),
+                    y=y.astype(np.float64),
+                    detection_score=np.ones(k, np.float32),
+                    morphometrics={m: np.zeros(k, np.float32) for m in MORPHOMETRICS},
+                    outlines=outlines,
+                )
+            )
+        return out

@@ -1,0 +1,121 @@
+"""``wsi-screen evaluate``: cell-level screening metrics of classifier bundle(s) on labelled crops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_screen.cli.main import cli, common_options, configure_from_context
+from wsi_screen.cli.options import config_options, settings_from_options
+from wsi_screen.cli.train_classifier import crops_from_options, data_options
+
+
+@cli.command("evaluate", short_help="Score classifier bundle(s) on labelled crops or annotated slides.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    metavar="BUNDLE",
+    help="Classifier bundle (name or folder); repeat for an ensemble (probabilities averaged).",
+)
+@data_options
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write metrics.json, confusion_matrix.png, reliability.png and report.html here.",
+)
+@click.option(
+    "--classes",
+    "class_mode",
+    type=click.Choice(["present", "all"]),
+    default="present",
+    show_default=True,
+    help="present: score over the classes in the data (other bundle classes dropped, probabilities "
+    "renormalized); all: over every bundle class.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the full metrics as JSON instead of tables.")
+@config_options
+@common_options
+@click.pass_context
+def evaluate(ctx: click.Context, /, **kw: Any) -> None:
+    """Run classifier bundle(s) on labelled crops and report the screening metrics.
+
+    \b
+    Data (any mix, as for `wsi-screen train classifier`):
+      --data DIR --mpp F [--class-map NAME]      crop folders (Herlev: --mpp 0.201
+                                                 --class-map herlev-bethesda), or saved crop sets
+      --annotations 'ANN/*.geojson' --slides DIR  QuPath annotations, cut as screening cuts them
+      --synthetic N                               synthetic slides with exact ground truth
+
+    Prints accuracy, per-class precision/recall/F1/AUROC, the HSIL→NILM under-call rate, the
+    needs-review sensitivity/specificity and the calibration (definitions: docs/training.md).
+    """
+    obj = configure_from_context(ctx)
+    progress = not bool(obj.get("quiet"))
+    from wsi_screen.metrics import format_metrics_table, write_metrics_report
+    from wsi_screen.models.bundle import load_bundle
+    from wsi_screen.stain import ReinhardStats
+    from wsi_screen.train.classifier import evaluate_bundles
+
+    settings = settings_from_options(kw["preset"], kw["config_path"], kw["overrides"])
+    first = load_bundle(kw["models"][0], task="classification").config
+    target = (
+        None if first.stain_target is None else ReinhardStats(first.stain_target.mu, first.stain_target.sigma)
+    )
+    data = crops_from_options(
+        data_dirs=kw["data_dirs"],
+        mpp=kw["mpp"],
+        class_map=kw["class_map"],
+        annotations=kw["annotations"],
+        slides_dir=kw["slides_dir"],
+        slide_mpp=kw["slide_mpp"],
+        synthetic=kw["synthetic"],
+        synthetic_seed=kw["synthetic_seed"],
+        synthetic_size=kw["synthetic_size"],
+        cache_dir=kw["cache_dir"],
+        localizer=kw["localizer"],
+        stain="none" if target is None else kw["stain"],
+        classes=None,
+        target_mpp=first.mpp,
+        size=first.input_size,
+        settings=settings,
+        device=kw["device"],
+        progress=progress,
+        stain_target=target,
+    )
+    metrics = evaluate_bundles(
+        list(kw["models"]), data, classes=kw["class_mode"], device=kw["device"], batch_size=kw["batch_size"]
+    )
+    if kw["as_json"]:
+        click.echo(json.dumps(metrics, indent=2, allow_nan=False))
+    else:
+        ev = metrics["evaluation"]
+        click.echo(
+            f"{metrics['n']:,} crops; model{'s' if ev['ensemble'] else ''}: "
+            + " + ".join(m["name"] for m in ev["models"])
+        )
+        if ev["absent_classes"]:
+            click.echo(
+                f"classes absent from the data: {', '.join(ev['absent_classes'])} "
+                f"({'dropped' if ev['class_mode'] == 'present' else 'kept'}; "
+                f"{ev['n_predicted_as_absent']} crops would have been called one of them)"
+            )
+        click.echo(format_metrics_table(metrics))
+    if kw["out_dir"] is not None:
+        names = " + ".join(m["name"] for m in metrics["evaluation"]["models"])
+        written = write_metrics_report(metrics, kw["out_dir"], title=f"Evaluation of {names}")
+        click.echo(f"report: {written['html']}; metrics: {written['json']}", err=kw["as_json"])
