@@ -161,7 +161,9 @@ class TriageSettings(_Section):
     min_cellular_area_mm2: float = Field(0.05, ge=0.0, description="QC: less cellular area is flagged")
     max_artifact_fraction: float = Field(0.5, ge=0.0, le=1.0, description="QC: flag above this")
     min_focus: float = Field(
-        25.0, ge=0.0, description="a tile is out of focus below this Laplacian variance (grey levels²)"
+        0.5,
+        ge=0.0,
+        description="a tile is out of focus below this sharpness ratio (fine / mid band edge detail)",
     )
     max_out_of_focus_fraction: float = Field(
         0.1, ge=0.0, le=1.0, description="QC: flag when more of the processed tiles are out of focus"

@@ -38,7 +38,7 @@ from wsi_screen import __version__
 from wsi_screen.cells import CellTable
 from wsi_screen.config import Settings
 from wsi_screen.errors import ConfigError, CorruptSlideError
-from wsi_screen.reader import ReaderStats, iter_windows
+from wsi_screen.reader import ReaderStats, band_columns, cache_order, iter_windows
 from wsi_screen.slide import Slide, open_slide
 from wsi_screen.tiling import Tile, TileGrid, make_grid
 
@@ -177,23 +177,64 @@ class BatchResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _focus(gray: torch.Tensor, od: torch.Tensor, halo: int, *, min_fraction: float = 0.01) -> list[float]:
-    """Per tile: variance of the Laplacian over cellular pixels of the core (NaN if too few)."""
+#: Gaussian σ (model px) of the fine and coarse blur of the focus measure.
+FOCUS_SIGMAS = (1.0, 2.5)
+#: Pixels the focus measure needs around the core (the coarse kernel's radius).
+FOCUS_MARGIN = int(3 * FOCUS_SIGMAS[1]) + 1
+
+
+def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
     import torch
 
-    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=gray.device)
-    lap = torch.nn.functional.conv2d(gray[:, None], k[None, None], padding=1)[:, 0]
-    if halo > 0:
-        lap = lap[:, halo:-halo, halo:-halo]
-        od = od[:, halo:-halo, halo:-halo]
-    out = []
-    for b in range(lap.shape[0]):
-        sel = od[b] > 0.08
-        if float(sel.float().mean()) < min_fraction:
-            out.append(float("nan"))
-        else:
-            out.append(float(lap[b][sel].float().var()))
-    return out
+    r = int(3 * sigma) + 1
+    x = torch.arange(-r, r + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-(x**2) / (2.0 * sigma * sigma))
+    return k / k.sum()
+
+
+def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W), valid part only (shrinks by the kernel radius)."""
+    import torch
+
+    k = _gaussian_kernel(sigma, img.device)
+    x = torch.nn.functional.conv2d(img, k.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))
+
+
+def _focus(gray: torch.Tensor, margin: int, *, edge: float = 2.0, min_fraction: float = 0.002) -> list[float]:
+    """Per tile: a stain- and content-independent sharpness ratio (NaN where too few edges).
+
+    ``gray`` is (B, H, W) grey levels 0–255 of the tile cores plus ``margin`` pixels on every side
+    (:data:`FOCUS_MARGIN` is enough; a smaller one is padded). On the pixels where the mid-frequency band
+    ``|G(σ=1) − G(σ=2.5)|`` exceeds ``edge`` grey levels (the edges of nuclei and cytoplasm), the
+    measure is mean ``|I − G(σ=1)|`` over mean ``|G(σ=1) − G(σ=2.5)|``: the share of fine detail
+    relative to the coarser edge contrast. Blur removes the fine band first, so the ratio falls
+    (about 0.6 when sharp, below 0.5 when out of focus at 0.25 µm/px, see docs/outputs.md); unlike
+    the variance of the Laplacian it hardly depends on how much or how dark the material is.
+    """
+    import torch
+
+    g = gray.float()[:, None]
+    if margin < FOCUS_MARGIN:  # too little context read around the core: replicate its border
+        pad = FOCUS_MARGIN - margin
+        g = torch.nn.functional.pad(g, (pad, pad, pad, pad), mode="replicate")
+        margin = FOCUS_MARGIN
+    r1, r2 = int(3 * FOCUS_SIGMAS[0]) + 1, int(3 * FOCUS_SIGMAS[1]) + 1
+    b2 = _blur(g, FOCUS_SIGMAS[1])  # valid part: shrunk by r2
+    b1 = _blur(g, FOCUS_SIGMAS[0])  # shrunk by r1
+    h, w = int(g.shape[2]) - 2 * margin, int(g.shape[3]) - 2 * margin
+    core = g[:, 0, margin : margin + h, margin : margin + w]
+    b1 = b1[:, 0, margin - r1 : margin - r1 + h, margin - r1 : margin - r1 + w]
+    b2 = b2[:, 0, margin - r2 : margin - r2 + h, margin - r2 : margin - r2 + w]
+    mid = (b1 - b2).abs().flatten(1)
+    fine = (core - b1).abs().flatten(1)
+    sel = mid > edge
+    n = sel.sum(dim=1).float()
+    num = torch.where(sel, fine, 0.0).sum(dim=1)
+    den = torch.where(sel, mid, 0.0).sum(dim=1)
+    ratio = num / den.clamp(min=1e-6)
+    ok = n >= max(1.0, min_fraction * sel.shape[1])
+    return [v if good else float("nan") for v, good in zip(ratio.tolist(), ok.tolist(), strict=True)]
 
 
 class TileProcessor:
@@ -249,9 +290,10 @@ class TileProcessor:
         else:
             x = x.to(self.device)
         norm = self.normalize(x)
-        gray = norm.float().mean(dim=3)
-        od = -torch.log10(torch.clamp(gray, min=1.0) / 255.0)
-        focus = _focus(gray, od, self.grid.halo)
+        # Focus needs the grey level of the core and a small margin only.
+        m = max(self.grid.halo - FOCUS_MARGIN, 0)
+        core = norm[:, m : norm.shape[1] - m, m : norm.shape[2] - m] if m else norm
+        focus = _focus(core.float().mean(dim=3), min(self.grid.halo, FOCUS_MARGIN))
         t1 = time.perf_counter()
         timings["normalize"] = t1 - t0
         cands = self.localizer.localize(norm, window_mpp=self.grid.mpp, halo_px=self.grid.halo)
@@ -265,21 +307,7 @@ class TileProcessor:
         for b, (tile, c) in enumerate(zip(tiles, cands, strict=True)):
             lx, ly = tile.to_level0(c.x, c.y)
             own = np.flatnonzero(tile.owns(lx, ly))
-            outlines = []
-            for i in own:
-                poly = np.asarray(c.outlines[i], np.float64)
-                px, py = tile.to_level0(poly[:, 0], poly[:, 1])
-                outlines.append(np.stack([px, py], axis=1).astype(np.float32))
-            tables.append(
-                CellTable.from_rows(
-                    x=lx[own],
-                    y=ly[own],
-                    outlines=outlines,
-                    tile=tile.index,
-                    detection_score=np.asarray(c.detection_score)[own],
-                    morphometrics={k: np.asarray(v)[own] for k, v in c.morphometrics.items()},
-                )
-            )
+            tables.append(_owned_table(tile, c, own, lx, ly))
             tile_idx.append(np.full(len(own), b, np.int64))
             cxs.append(np.floor(np.asarray(c.x)[own]).astype(np.int64))
             cys.append(np.floor(np.asarray(c.y)[own]).astype(np.int64))
@@ -303,6 +331,36 @@ class TileProcessor:
         return BatchResult(
             tables=tables, focus=focus, crops=crops if self.keep_crops else None, timings=timings
         )
+
+
+def _owned_table(
+    tile: Tile, c: Any, own: NDArray[np.intp], lx: NDArray[np.float64], ly: NDArray[np.float64]
+) -> CellTable:
+    """The cells of ``c`` at ``own`` as a table in level-0 px (all outlines mapped at once)."""
+    from wsi_screen.cells import MORPHOMETRICS
+
+    n = len(own)
+    polys = [np.asarray(c.outlines[i]).reshape(-1, 2) for i in own]
+    lengths = np.fromiter((len(q) for q in polys), np.int64, count=n)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    xy = np.concatenate(polys).astype(np.float64) if n else np.zeros((0, 2), np.float64)
+    px, py = tile.to_level0(xy[:, 0], xy[:, 1])
+    outline_xy = np.empty((len(xy), 2), np.float32)
+    outline_xy[:, 0] = px
+    outline_xy[:, 1] = py
+    morph = {k: np.zeros(n, np.float32) for k in MORPHOMETRICS}
+    morph.update({k: np.asarray(v, np.float32)[own] for k, v in c.morphometrics.items()})
+    return CellTable(
+        x=np.asarray(lx[own], np.float64),
+        y=np.asarray(ly[own], np.float64),
+        tile=np.full(n, tile.index, np.int32),
+        detection_score=np.asarray(c.detection_score, np.float32)[own],
+        morphometrics=morph,
+        outline_offsets=offsets,
+        outline_xy=outline_xy,
+        probs=np.zeros((n, 0), np.float32),
+    )
 
 
 # -- writer stage -----------------------------------------------------------------------------------
@@ -646,7 +704,7 @@ def run_slide(
                 write_report(tmp / "report.html", html)
             timings["outputs"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_start
-            run_info = {
+            run_info: dict[str, Any] = {
                 "wsi_screen_version": __version__,
                 "slide_id": sid,
                 "slide": slide_info,
@@ -702,7 +760,9 @@ def _run_tiles(
     from wsi_screen.runtime import cpu_count
     from wsi_screen.store import TILE_DONE, TILE_SKIPPED, TILE_UNREADABLE, CellStoreWriter
 
-    tiles = list(grid.tiles(kept_only=True))
+    # In bands as wide as the slide reader's tile cache allows (row-major on all but very wide slides).
+    band_cols = band_columns(grid, slide.cache_bytes)
+    tiles = cache_order(list(grid.tiles(kept_only=True)), band_cols=band_cols)
     status = np.full(grid.n_tiles, TILE_SKIPPED, np.uint8)
     focus = [float("nan")] * grid.n_tiles
     n_tile_cells = np.zeros(grid.n_tiles, np.int64)
@@ -774,7 +834,7 @@ def _run_tiles(
     loop_s = time.perf_counter() - t_loop
     device_idle = reader_stats.consumer_wait_s
     stage = {
-        "reader": reader_stats.to_dict(),
+        "reader": {**reader_stats.to_dict(), "band_columns": band_cols},
         "device": {
             "busy_s": round(device_busy, 4),
             "waiting_for_reader_s": round(device_idle, 4),

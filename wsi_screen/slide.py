@@ -17,8 +17,10 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, get_args
 
@@ -237,12 +239,258 @@ def _parse_float(value: object) -> float | None:
     return out if math.isfinite(out) else None
 
 
+# -- direct TIFF tile reading ---------------------------------------------------------------------
+
+#: TIFF compressions the direct path decodes itself (none, JPEG: libjpeg-turbo via imagecodecs).
+_DIRECT_COMPRESSIONS = frozenset({1, 7})
+_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
+
+
+class _TileCache:
+    """Thread-safe LRU cache of decoded tiles, bounded in bytes, shared by every handle of a slide.
+
+    A tile that one thread is decoding is awaited by the others rather than decoded twice, so
+    neighbouring read windows (which overlap by their halos) cost one decode per tile.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity = max(0, int(capacity_bytes))
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[int, int], NDArray[np.uint8]] = OrderedDict()
+        self._pending: dict[tuple[int, int], threading.Event] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def claim(
+        self, keys: Sequence[tuple[int, int]]
+    ) -> tuple[list[tuple[int, NDArray[np.uint8]]], list[int], list[int]]:
+        """One locked pass over ``keys``: (position, tile) of the cached ones, the positions this
+        caller must load and then :meth:`fulfil` (now marked pending), and those another thread loads."""
+        found: list[tuple[int, NDArray[np.uint8]]] = []
+        owned: list[int] = []
+        waiting: list[int] = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                arr = self._items.get(key)
+                if arr is not None:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    found.append((i, arr))
+                elif key in self._pending:
+                    waiting.append(i)
+                else:
+                    self._pending[key] = threading.Event()
+                    self.misses += 1
+                    owned.append(i)
+        return found, owned, waiting
+
+    def fulfil(self, key: tuple[int, int], arr: NDArray[np.uint8] | None) -> None:
+        """Store a claimed tile (None: its load failed) and wake the threads waiting for it."""
+        with self._lock:
+            event = self._pending.pop(key)
+            if arr is not None and arr.nbytes <= self.capacity:
+                self._items[key] = arr
+                self._bytes += arr.nbytes
+                while self._bytes > self.capacity:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.nbytes
+        event.set()
+
+    def get(self, key: tuple[int, int], load: Callable[[], NDArray[np.uint8]]) -> NDArray[np.uint8]:
+        """The cached tile, else ``load()`` it (or wait while another thread loads it)."""
+        while True:
+            with self._lock:
+                arr = self._items.get(key)
+                if arr is not None:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return arr
+                event = self._pending.get(key)
+                if event is None:
+                    self._pending[key] = threading.Event()
+                    self.misses += 1
+            if event is not None:
+                event.wait()
+                continue  # cached now, or its loader failed (then this thread tries, and raises)
+            arr = None
+            try:
+                arr = load()
+            finally:
+                self.fulfil(key, arr)
+            return arr
+
+
+@dataclass(frozen=True)
+class _DirectLevel:
+    """Where one pyramid level's tiles lie in the file, and how to decode them."""
+
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    tiles_across: int
+    offsets: NDArray[np.int64]
+    counts: NDArray[np.int64]
+    jpegtables: bytes | None
+    decode: Callable[..., Any] = field(repr=False)
+
+
+class _DirectTiff:
+    """Pixels of tiled 8-bit RGB TIFF levels read straight from the file (pread + decode).
+
+    OpenSlide paints each region through cairo into premultiplied ARGB and tiffslide decodes every
+    tile a region touches on each call; for the reader's overlapping windows both cost several
+    times the JPEG decode itself. Here each tile is decoded once (libjpeg-turbo, GIL released),
+    kept in a :class:`_TileCache` shared by every handle of the slide, and copied into the output.
+    Shared by :meth:`Slide.reopen` handles (reference counted; ``os.pread`` is thread-safe).
+    """
+
+    def __init__(self, path: Path, levels: dict[int, _DirectLevel], cache_bytes: int) -> None:
+        self.path = path
+        self.levels = levels
+        self.cache = _TileCache(cache_bytes)
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    @classmethod
+    def probe(
+        cls, path: Path, level_dimensions: Sequence[tuple[int, int]], cache_bytes: int
+    ) -> _DirectTiff | None:
+        """The direct reader for the levels of ``path`` it can serve (None: no level qualifies)."""
+        if _tiff_header(path) is None:
+            return None
+        import tifffile
+
+        levels: dict[int, _DirectLevel] = {}
+        try:
+            size = path.stat().st_size
+            with tifffile.TiffFile(path) as tif:
+                pages = [cast("tifffile.TiffPage", p) for p in tif.pages]
+                for i, (w, h) in enumerate(level_dimensions):
+                    found = [
+                        p for p in pages if p.is_tiled and (int(p.imagewidth), int(p.imagelength)) == (w, h)
+                    ]
+                    if len(found) != 1 or not _direct_eligible(found[0], size):
+                        continue
+                    p = found[0]
+                    levels[i] = _DirectLevel(
+                        width=w,
+                        height=h,
+                        tile_w=int(p.tilewidth),
+                        tile_h=int(p.tilelength),
+                        tiles_across=math.ceil(w / int(p.tilewidth)),
+                        offsets=np.asarray(p.dataoffsets, np.int64),
+                        counts=np.asarray(p.databytecounts, np.int64),
+                        jpegtables=p.jpegtables,
+                        decode=p.decode,
+                    )
+        except Exception as exc:  # tifffile raises many types; the backend then reads everything
+            logger.debug("direct TIFF reading unavailable for %s: %s", path.name, _one_line(exc))
+            return None
+        return cls(path, levels, cache_bytes) if levels else None
+
+    def share(self) -> _DirectTiff:
+        with self._lock:
+            if self._refs <= 0:
+                raise ValueError(f"slide {self.path.name} is closed")
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            if self._refs == 0:
+                os.close(self._fd)
+
+    def read_into(self, level: int, x0: int, y0: int, out: NDArray[np.uint8]) -> None:
+        """Fill ``out`` (h, w, 3) with the pixels of ``level`` from (x0, y0) (level px, inside)."""
+        lv = self.levels[level]
+        h, w = out.shape[:2]
+        tw, th = lv.tile_w, lv.tile_h
+        rows = range(y0 // th, (y0 + h - 1) // th + 1)
+        cols = range(x0 // tw, (x0 + w - 1) // tw + 1)
+        places = [(r * lv.tiles_across + c, c * tw, r * th) for r in rows for c in cols]
+        keys = [(level, idx) for idx, _, _ in places]
+        # One locked pass: copy what is cached, decode what nobody is decoding, and only then wait
+        # for (or copy) the tiles other threads are decoding.
+        found, owned, waiting = self.cache.claim(keys)
+        for i, tile in found:
+            _paste(out, x0, y0, tile, places[i][1], places[i][2])
+        for n, i in enumerate(owned):
+            arr = None
+            try:
+                arr = self._decode(lv, places[i][0])
+            finally:
+                self.cache.fulfil(keys[i], arr)
+                if arr is None:  # release the other claimed tiles too, so no thread waits for them
+                    for j in owned[n + 1 :]:
+                        self.cache.fulfil(keys[j], None)
+            _paste(out, x0, y0, arr, places[i][1], places[i][2])
+        for i in waiting:
+            tile = self.cache.get(keys[i], partial(self._decode, lv, places[i][0]))
+            _paste(out, x0, y0, tile, places[i][1], places[i][2])
+
+    def _decode(self, lv: _DirectLevel, idx: int) -> NDArray[np.uint8]:
+        n, off = int(lv.counts[idx]), int(lv.offsets[idx])
+        if n == 0:  # a tile the scanner never wrote: empty glass
+            return np.full((lv.tile_h, lv.tile_w, 3), _WHITE, np.uint8)
+        data = os.pread(self._fd, n, off)
+        if len(data) != n:
+            raise CorruptTileError(f"tile {idx}: {len(data)} of {n} bytes present (truncated file)")
+        arr = np.asarray(lv.decode(data, idx, jpegtables=lv.jpegtables)[0])
+        if arr.ndim == 4:
+            arr = arr[0]
+        if arr.shape[2] != 3 or arr.dtype != np.uint8:
+            raise CorruptTileError(f"tile {idx} decoded to {arr.shape} {arr.dtype}, not RGB")
+        if arr.shape[0] < lv.tile_h or arr.shape[1] < lv.tile_w:
+            full = np.full((lv.tile_h, lv.tile_w, 3), _WHITE, np.uint8)
+            full[: arr.shape[0], : arr.shape[1]] = arr
+            arr = full
+        return arr
+
+
+def _paste(out: NDArray[np.uint8], x0: int, y0: int, tile: NDArray[np.uint8], tx: int, ty: int) -> None:
+    """Copy the part of ``tile`` (top-left at level px tx, ty) that overlaps ``out`` (at x0, y0)."""
+    h, w = out.shape[:2]
+    th, tw = tile.shape[:2]
+    ax0, ax1 = max(x0, tx), min(x0 + w, tx + tw)
+    ay0, ay1 = max(y0, ty), min(y0 + h, ty + th)
+    out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx]
+
+
+def _direct_eligible(page: Any, file_size: int) -> bool:
+    """Whether the direct path reads ``page`` exactly like the backends: tiled, contiguous, 8-bit RGB."""
+    counts = np.asarray(page.databytecounts, np.int64)
+    offsets = np.asarray(page.dataoffsets, np.int64)
+    n_across = math.ceil(int(page.imagewidth) / int(page.tilewidth))
+    n_down = math.ceil(int(page.imagelength) / int(page.tilelength))
+    return bool(
+        int(page.compression) in _DIRECT_COMPRESSIONS
+        and int(page.photometric) in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
+        and int(page.samplesperpixel) == 3
+        and int(page.bitspersample) == 8
+        and int(page.planarconfig) == 1
+        and int(getattr(page, "imagedepth", 1)) == 1
+        and not page.extrasamples
+        and len(offsets) == n_across * n_down
+        and (len(offsets) == 0 or int((offsets + counts).max()) <= file_size)
+    )
+
+
 class Slide:
     """An opened whole-slide image (context manager).
 
     Use :func:`open_slide` to create one. A ``Slide`` may be shared between threads for metadata,
     but reader threads should each call :meth:`reopen` for a handle of their own, so that decoding
     runs in parallel.
+
+    Tiled 8-bit RGB TIFF levels (JPEG or uncompressed: generic TIFF, Aperio SVS) are read directly
+    from the file when ``direct`` is true (the default): tiles are decoded once with libjpeg-turbo
+    and kept in a tile cache of ``cache_bytes`` shared by this slide and its :meth:`reopen` handles.
+    Other levels and formats go through the backend, whose tile cache (``cache_bytes``) is per handle:
+    a cache shared by OpenSlide handles was measured slower (its lock serialises the reader threads).
     """
 
     def __init__(
@@ -253,6 +501,8 @@ class Slide:
         mpp: float | None = None,
         max_dimension: int = DEFAULT_MAX_DIMENSION,
         cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+        direct: bool = True,
+        _shared: _DirectTiff | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise UnsupportedSlideError(
@@ -268,11 +518,18 @@ class Slide:
         self._mpp_override = mpp
         self._max_dimension = max_dimension
         self._cache_bytes = cache_bytes
+        self._direct_enabled = direct
+        self._direct: _DirectTiff | None = _shared
         self._lock = threading.Lock()
-        self._handle: _Handle | None = self._open_handle()
+        self._handle: _Handle | None = None
         try:
+            self._handle = self._open_handle()
             self._probe()
             self.info = self._read_info()
+            if direct and self._direct is None:
+                self._direct = _DirectTiff.probe(
+                    self.path, self.info.level_dimensions, self._cache_bytes or 0
+                )
         except BaseException:
             self.close()
             raise
@@ -288,20 +545,41 @@ class Slide:
         return handle
 
     def reopen(self) -> Slide:
-        """A new, independent handle on the same file with the same settings."""
+        """A new handle on the same file with the same settings (sharing the direct tile cache)."""
         return Slide(
             self._requested_path,
             backend=self.backend,
             mpp=self._mpp_override,
             max_dimension=self._max_dimension,
             cache_bytes=self._cache_bytes,
+            direct=self._direct_enabled,
+            _shared=self._direct.share() if self._direct is not None else None,
         )
 
+    @property
+    def cache_bytes(self) -> int:
+        """Capacity of the tile cache shared by this slide and its :meth:`reopen` handles (bytes)."""
+        return int(self._cache_bytes or 0)
+
     def close(self) -> None:
-        """Release the file handle (idempotent)."""
+        """Release the file handles (idempotent)."""
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.close()
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.release()
+
+    @property
+    def direct_levels(self) -> tuple[int, ...]:
+        """Pyramid levels read directly from the TIFF tiles (the rest go through the backend)."""
+        return tuple(sorted(self._direct.levels)) if self._direct is not None else ()
+
+    def cache_stats(self) -> dict[str, int]:
+        """Hits and misses (= tile decodes) of the direct tile cache shared by this slide's handles."""
+        if self._direct is None:
+            return {"hits": 0, "misses": 0}
+        return {"hits": self._direct.cache.hits, "misses": self._direct.cache.misses}
 
     def __enter__(self) -> Slide:
         return self
@@ -451,8 +729,21 @@ class Slide:
         lx, ly = math.floor(location[0] / ds), math.floor(location[1] / ds)
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
-        out = np.full((h, w, 3), _WHITE, dtype=np.uint8)
+        inside = cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), _WHITE, dtype=np.uint8)
         if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        direct = self._direct
+        if direct is not None and level in direct.levels:
+            try:
+                direct.read_into(level, cx0, cy0, out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx])
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise CorruptTileError(
+                    f"{self.path.name}: corrupt tile data at level {level}, region "
+                    f"x={cx0} y={cy0} {cx1 - cx0}×{cy1 - cy0} ({_one_line(exc)})"
+                ) from exc
             return out
         loc0 = (round(cx0 * ds), round(cy0 * ds))
         if cx0 == lx and cy0 == ly:

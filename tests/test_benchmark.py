@@ -1,0 +1,82 @@
+"""``pipelines/benchmark.py --quick`` runs every part and produces every figure (not their values)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("wsi_benchmark", ROOT / "pipelines" / "benchmark.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
+    bench = _load_benchmark()
+    out = tmp_path / "bench"
+    report = bench.main(
+        ["--quick", "--out", str(out), "--no-report", "--wsinfer-python", str(tmp_path / "no-such-python")]
+    )
+    on_disk = json.loads((out / "benchmark.json").read_text())
+    assert on_disk["schema_version"] == bench.SCHEMA_VERSION == report["schema_version"]
+    for section, keys in bench.REQUIRED.items():
+        assert section in on_disk, section
+        for key in keys:
+            assert key in on_disk[section], f"{section}.{key}"
+
+    hw = on_disk["hardware"]
+    assert hw["cpu"] and hw["cores"] >= 1
+    for pkg in ("python", "torch", "openslide", "tiffslide", "imagecodecs"):
+        assert hw["versions"][pkg], pkg
+    if hw["gpu"] is None:
+        assert "could not be measured" in on_disk["gpu_note"]
+
+    raw = on_disk["raw_decode"]
+    assert raw["tiles"] > 0 and _positive(raw["mp_per_s"])
+    assert set(on_disk["readers"]) == {"direct", "openslide", "tiffslide"}
+    for variant, r in on_disk["readers"].items():
+        for key in ("mp_per_s", "window_mp_per_s", "ratio_to_raw"):
+            assert _positive(r[key]), f"{variant}.{key}"
+    direct = on_disk["readers"]["direct"]
+    assert direct["direct"] is True
+    assert direct["decodes"] == raw["tiles"]  # halos overlap, yet every tile is decoded once
+
+    st = on_disk["stages"]
+    assert _positive(st["read"]["mp_per_s"])
+    assert _positive(st["normalize"]["tiles_per_s"])
+    assert _positive(st["localize"]["tiles_per_s"]) and _positive(st["localize"]["unet_tiles_per_s"])
+    assert _positive(st["crop"]["cut_only_crops_per_s"])
+    assert _positive(st["classify"]["crops_per_s"])
+    assert _positive(st["write"]["cells_per_s"])
+    assert _positive(st["device_stage"]["tiles_per_s"])
+
+    e2e = on_disk["end_to_end"]
+    assert _positive(e2e["seconds"]) and _positive(e2e["slides_per_hour"]) and _positive(e2e["ratio_to_raw"])
+    assert e2e["tiles"] == on_disk["grid"]["kept"]
+    for key in ("reader", "device", "writer"):
+        assert key in e2e["stages"]
+    assert 0.0 <= e2e["idle"]["device_waiting_for_reader"] <= 1.0
+
+    peer = on_disk["peer"]
+    assert peer["status"] == "unavailable" and "setup_wsinfer_peer.sh" in peer["reason"]
+
+    table = (out / "benchmark.md").read_text()
+    for figure in ("raw JPEG decode", "direct TIFF path", "classify", "end to end", "WSInfer"):
+        assert figure in table, figure

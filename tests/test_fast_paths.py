@@ -1,0 +1,244 @@
+"""The performance paths give the same results as the straightforward ones.
+
+- Direct TIFF tile reading (``Slide(direct=True)``) returns exactly the backends' pixels, decodes each
+  tile once for overlapping windows read by several threads, and reports corrupt tiles as such.
+- The device stage's vectorised outline mapping and focus measure equal the per-cell / per-tile loops.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from wsi_screen.cells import CellTable
+from wsi_screen.errors import CorruptTileError
+from wsi_screen.reader import iter_windows
+from wsi_screen.slide import Slide
+from wsi_screen.tiling import make_grid
+
+
+@pytest.fixture(scope="module")
+def jpeg_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from wsi_screen.synth import synthesize_slide
+
+    path = tmp_path_factory.mktemp("direct") / "s.tiff"
+    synthesize_slide(path, size=(2300, 1900), seed=3, tile_size=256, workers=1, write_truth=False)
+    return path
+
+
+def _regions(slide: Slide, n: int, seed: int) -> list[tuple[tuple[float, float], tuple[int, int], float]]:
+    rng = np.random.default_rng(seed)
+    w, h = slide.dimensions
+    out = []
+    for _ in range(n):
+        loc = (float(rng.uniform(-300, w)), float(rng.uniform(-300, h)))
+        size = (int(rng.integers(1, 700)), int(rng.integers(1, 700)))
+        out.append((loc, size, slide.mpp * float(rng.choice([1.0, 1.37, 2.0, 4.3]))))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_direct_path_equals_backend(jpeg_slide: Path, backend: str) -> None:
+    with (
+        Slide(jpeg_slide, backend=backend) as fast,  # type: ignore[arg-type]
+        Slide(jpeg_slide, backend=backend, direct=False) as ref,  # type: ignore[arg-type]
+    ):
+        assert fast.direct_levels == tuple(range(fast.level_count))
+        assert ref.direct_levels == ()
+        for level, (w, h) in enumerate(fast.level_dimensions):
+            np.testing.assert_array_equal(
+                fast.read_level((0, 0), level, (w, h)), ref.read_level((0, 0), level, (w, h))
+            )
+        for loc, size, mpp in _regions(fast, 40, seed=1):
+            np.testing.assert_array_equal(
+                fast.read_region(loc, size, mpp=mpp), ref.read_region(loc, size, mpp=mpp)
+            )
+
+
+def test_direct_path_on_real_aperio_and_uncompressed_tiff(shared_slides: Path, tmp_path: Path) -> None:
+    svs = shared_slides / "cmu-1-small-region.svs"  # JPEG with shared tables, YCbCr
+    flat = tmp_path / "flat.tiff"  # uncompressed tiles
+    tifffile.imwrite(
+        flat,
+        np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8),
+        tile=(256, 256),
+        photometric="rgb",
+        resolution=(40000, 40000),
+        resolutionunit="CENTIMETER",
+    )
+    for path in (svs, flat):
+        with Slide(path) as fast, Slide(path, direct=False) as ref:
+            assert fast.direct_levels == (0,)
+            w, h = fast.dimensions
+            np.testing.assert_array_equal(
+                fast.read_level((0, 0), 0, (w, h)), ref.read_level((0, 0), 0, (w, h))
+            )
+            for loc, size, mpp in _regions(fast, 20, seed=2):
+                np.testing.assert_array_equal(
+                    fast.read_region(loc, size, mpp=mpp), ref.read_region(loc, size, mpp=mpp)
+                )
+
+
+def test_overlapping_windows_decode_each_tile_once(jpeg_slide: Path) -> None:
+    with Slide(jpeg_slide) as slide:
+        grid = make_grid(slide.dimensions, slide_mpp=slide.mpp, mpp=slide.mpp, tile_size=512, halo_um=32.0)
+        tiles = list(grid.tiles())
+        reads = list(iter_windows(slide, tiles, mpp=slide.mpp, workers=3, prefetch=6))
+        assert [r.tile.index for r in reads] == [t.index for t in tiles]
+        stats = slide.cache_stats()
+        with Slide(jpeg_slide, direct=False) as ref:
+            for r in reads[:6]:
+                t = r.tile
+                np.testing.assert_array_equal(
+                    r.window, ref.read_region((t.read_x, t.read_y), (t.read_size,) * 2, mpp=slide.mpp)
+                )
+    with tifffile.TiffFile(jpeg_slide) as tif:
+        n_tiles = len(tif.pages[0].dataoffsets)
+    # Every level-0 tile is touched (halos overlap), and decoded exactly once by all threads together.
+    assert stats["misses"] == n_tiles
+    assert stats["hits"] > 0
+
+
+def test_corrupt_tile_is_reported_and_others_still_read(jpeg_slide: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tiff"
+    data = bytearray(jpeg_slide.read_bytes())
+    with tifffile.TiffFile(jpeg_slide) as tif:
+        page: Any = tif.pages[0]
+        off, n = int(page.dataoffsets[5]), int(page.databytecounts[5])
+        tw = int(page.tilewidth)
+        across = -(-int(page.imagewidth) // tw)
+    data[off + 2 : off + n] = b"\x00" * (n - 2)  # tile 5 keeps its SOI marker, loses everything else
+    bad.write_bytes(bytes(data))
+    with Slide(bad) as slide:
+        row, col = divmod(5, across)
+        with pytest.raises(CorruptTileError, match="corrupt tile data"):
+            slide.read_level((col * tw + 3, row * tw + 3), 0, (10, 10))
+        ok = slide.read_level((0, 0), 0, (tw, tw))
+        with Slide(jpeg_slide) as good:
+            np.testing.assert_array_equal(ok, good.read_level((0, 0), 0, (tw, tw)))
+
+
+def test_shared_file_handle_is_closed_with_the_last_slide(jpeg_slide: Path) -> None:
+    slide = Slide(jpeg_slide)
+    direct = slide._direct
+    assert direct is not None
+    child = slide.reopen()
+    assert child._direct is direct
+    slide.close()
+    os.fstat(direct._fd)  # still open: the child uses it
+    assert child.read_level((0, 0), 0, (8, 8)).shape == (8, 8, 3)
+    child.close()
+    with pytest.raises(OSError):
+        os.fstat(direct._fd)
+
+
+def test_owned_table_matches_per_cell_mapping() -> None:
+    from wsi_screen.cells import MORPHOMETRICS
+    from wsi_screen.localize import TileCandidates
+    from wsi_screen.pipeline import _owned_table
+
+    grid = make_grid((5000, 5000), slide_mpp=0.25, mpp=0.5, tile_size=512, halo_um=32.0)
+    tile = grid.tile(1, 2)
+    rng = np.random.default_rng(0)
+    n = 40
+    outlines = [rng.uniform(0, 640, (int(rng.integers(3, 20)), 2)).astype(np.float32) for _ in range(n)]
+    c = TileCandidates(
+        x=rng.uniform(0, grid.read_size, n),
+        y=rng.uniform(0, grid.read_size, n),
+        detection_score=rng.uniform(0, 1, n).astype(np.float32),
+        morphometrics={k: rng.uniform(0, 9, n).astype(np.float32) for k in MORPHOMETRICS},
+        outlines=outlines,
+    )
+    lx, ly = tile.to_level0(c.x, c.y)
+    own = np.flatnonzero(tile.owns(lx, ly))
+    assert 0 < len(own) < n
+    got = _owned_table(tile, c, own, lx, ly)
+    polys = []
+    for i in own:
+        poly = np.asarray(c.outlines[i], np.float64)
+        px, py = tile.to_level0(poly[:, 0], poly[:, 1])
+        polys.append(np.stack([px, py], axis=1).astype(np.float32))
+    ref = CellTable.from_rows(
+        x=lx[own],
+        y=ly[own],
+        outlines=polys,
+        tile=tile.index,
+        detection_score=np.asarray(c.detection_score)[own],
+        morphometrics={k: np.asarray(v)[own] for k, v in c.morphometrics.items()},
+    )
+    for name, col in ref.columns().items():
+        np.testing.assert_array_equal(got.columns()[name], col, err_msg=name)
+    np.testing.assert_array_equal(got.outline_offsets, ref.outline_offsets)
+    np.testing.assert_array_equal(got.outline_xy, ref.outline_xy)
+    empty = _owned_table(tile, c, own[:0], lx, ly)
+    assert len(empty) == 0 and empty.outline_xy.shape == (0, 2)
+
+
+def _focus_reference(tile: np.ndarray, edge: float = 2.0) -> float:
+    """The focus ratio of one tile core (plus margin) with scipy's Gaussian filter, as a loop would."""
+    from scipy.ndimage import gaussian_filter
+
+    from wsi_screen.pipeline import FOCUS_MARGIN, FOCUS_SIGMAS
+
+    m = FOCUS_MARGIN
+    b1 = gaussian_filter(tile, FOCUS_SIGMAS[0], truncate=(int(3 * FOCUS_SIGMAS[0]) + 1) / FOCUS_SIGMAS[0])
+    b2 = gaussian_filter(tile, FOCUS_SIGMAS[1], truncate=(int(3 * FOCUS_SIGMAS[1]) + 1) / FOCUS_SIGMAS[1])
+    core, b1, b2 = (a[m:-m, m:-m] for a in (tile, b1, b2))
+    mid = np.abs(b1 - b2)
+    sel = mid > edge
+    if sel.mean() < 0.002:
+        return float("nan")
+    return float(np.abs(core - b1)[sel].sum() / mid[sel].sum())
+
+
+def test_focus_matches_per_tile_reference_and_falls_with_blur() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    from wsi_screen.pipeline import FOCUS_MARGIN, _focus
+
+    rng = np.random.default_rng(0)
+    sharp = np.full((160, 160), 230.0)
+    for _ in range(40):  # dark, sharp-edged "nuclei" with fine texture
+        y, x = rng.integers(10, 150, 2)
+        sharp[y - 5 : y + 5, x - 4 : x + 4] = rng.uniform(40, 120, (10, 8))
+    tiles = np.stack(
+        [
+            sharp,
+            gaussian_filter(sharp, 1.5),  # out of focus
+            np.full((160, 160), 250.0),  # glass only: no edges
+            np.where(rng.random((160, 160)) < 0.5, sharp, sharp * 0.6),  # pale vs dark stain
+        ]
+    ).astype(np.float32)
+    got = _focus(torch.from_numpy(tiles), FOCUS_MARGIN)
+    ref = [_focus_reference(t.astype(np.float64)) for t in tiles]
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    assert np.isnan(got[2])
+    assert got[1] < 0.5 < got[0]  # blur lowers the ratio below the default threshold
+    # A smaller margin is padded, not refused; the figure barely changes.
+    inner = torch.from_numpy(tiles[:1, 5:-5, 5:-5])
+    assert _focus(inner, FOCUS_MARGIN - 5)[0] == pytest.approx(got[0], rel=0.1)
+
+
+def test_bands_keep_row_major_order_unless_the_slide_is_wider_than_the_cache() -> None:
+    from wsi_screen.reader import band_columns, cache_order
+    from wsi_screen.slide import DEFAULT_CACHE_BYTES
+
+    narrow = make_grid((20_000, 20_000), slide_mpp=0.25, mpp=0.25, tile_size=1024, halo_um=32.0)
+    assert band_columns(narrow, DEFAULT_CACHE_BYTES) == narrow.cols
+    tiles = list(narrow.tiles())
+    assert cache_order(tiles, band_cols=narrow.cols) == tiles
+    wide = make_grid((100_000, 5_000), slide_mpp=0.25, mpp=0.25, tile_size=1024, halo_um=32.0)
+    band = band_columns(wide, DEFAULT_CACHE_BYTES)
+    assert 2 <= band < wide.cols
+    # Working set of a band: its windows' rows across the band, within ¾ of the cache.
+    assert band * 1024 * (wide.read_size + 1024) * 4 <= 0.75 * DEFAULT_CACHE_BYTES
+    ordered = cache_order(list(wide.tiles()), band_cols=band)
+    assert sorted(t.index for t in ordered) == list(range(wide.n_tiles))
+    assert [t.col for t in ordered[: band + 1]] == [*range(band), 0]  # next row of the first band
+    assert band_columns(wide, 0) == wide.cols
