@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -24,7 +25,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     from wsi_screen.models.bundle import load_bundle
     from wsi_screen.models.registry import list_bundles
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_bundles():
         cfg = load_bundle(name, verify=False).config
         rows.append(

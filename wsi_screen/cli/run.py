@@ -118,6 +118,7 @@ def _print_result(result: Any, *, quiet: bool) -> None:
 @click.pass_context
 def run(
     ctx: click.Context,
+    /,
     slide: Path,
     out_root: Path,
     slide_id: str | None,
@@ -180,6 +181,7 @@ def run(
 @click.pass_context
 def demo(
     ctx: click.Context,
+    /,
     out_root: Path,
     seed: int,
     size: int,
