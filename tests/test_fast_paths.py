@@ -180,16 +180,28 @@ def test_owned_table_matches_per_cell_mapping() -> None:
     assert len(empty) == 0 and empty.outline_xy.shape == (0, 2)
 
 
-def _focus_reference(tile: np.ndarray, edge: float = 2.0) -> float:
-    """The focus ratio of one tile core (plus margin) with scipy's Gaussian filter, as a loop would."""
-    from scipy.ndimage import gaussian_filter
+def _focus_reference(rgb: np.ndarray, edge: float = 2.0) -> float:
+    """The focus ratio of one tile (core plus margin), written as a per-tile loop with scipy."""
+    from scipy.ndimage import uniform_filter
 
-    from wsi_screen.pipeline import FOCUS_MARGIN, FOCUS_SIGMAS
+    from wsi_screen.pipeline import (
+        FOCUS_COARSE_BOXES,
+        FOCUS_DOWNSAMPLE,
+        FOCUS_FINE_BOXES,
+        FOCUS_MARGIN,
+    )
 
-    m = FOCUS_MARGIN
-    b1 = gaussian_filter(tile, FOCUS_SIGMAS[0], truncate=(int(3 * FOCUS_SIGMAS[0]) + 1) / FOCUS_SIGMAS[0])
-    b2 = gaussian_filter(tile, FOCUS_SIGMAS[1], truncate=(int(3 * FOCUS_SIGMAS[1]) + 1) / FOCUS_SIGMAS[1])
-    core, b1, b2 = (a[m:-m, m:-m] for a in (tile, b1, b2))
+    d = FOCUS_DOWNSAMPLE
+    g = rgb[..., 1].astype(np.float64)
+    g = g.reshape(g.shape[0] // d, d, g.shape[1] // d, d).mean(axis=(1, 3))
+    b1 = g
+    for k in FOCUS_FINE_BOXES:
+        b1 = uniform_filter(b1, k, mode="nearest")
+    b2 = b1
+    for k in FOCUS_COARSE_BOXES:
+        b2 = uniform_filter(b2, k, mode="nearest")
+    m = FOCUS_MARGIN // d  # drop the border, where the filters saw padding
+    core, b1, b2 = (a[m:-m, m:-m] for a in (g, b1, b2))
     mid = np.abs(b1 - b2)
     sel = mid > edge
     if sel.mean() < 0.002:
@@ -203,26 +215,29 @@ def test_focus_matches_per_tile_reference_and_falls_with_blur() -> None:
     from wsi_screen.pipeline import FOCUS_MARGIN, _focus
 
     rng = np.random.default_rng(0)
-    sharp = np.full((160, 160), 230.0)
-    for _ in range(40):  # dark, sharp-edged "nuclei" with fine texture
-        y, x = rng.integers(10, 150, 2)
-        sharp[y - 5 : y + 5, x - 4 : x + 4] = rng.uniform(40, 120, (10, 8))
-    tiles = np.stack(
+    side = 200 + 2 * FOCUS_MARGIN
+    sharp = np.full((side, side), 230.0)
+    for _ in range(60):  # dark, sharp-edged "nuclei" with fine chromatin texture
+        y, x = rng.integers(12, side - 12, 2)
+        sharp[y - 8 : y + 8, x - 6 : x + 6] = rng.uniform(40, 140, (16, 12))
+    grey = np.stack(
         [
             sharp,
-            gaussian_filter(sharp, 1.5),  # out of focus
-            np.full((160, 160), 250.0),  # glass only: no edges
-            np.where(rng.random((160, 160)) < 0.5, sharp, sharp * 0.6),  # pale vs dark stain
+            gaussian_filter(sharp, 4.0),  # out of focus (σ 1 µm at 0.25 µm/px)
+            np.full((side, side), 250.0),  # glass only: no edges
+            np.where(rng.random((side, side)) < 0.5, sharp, sharp * 0.6),  # mixed pale and dark stain
         ]
-    ).astype(np.float32)
-    got = _focus(torch.from_numpy(tiles), FOCUS_MARGIN)
-    ref = [_focus_reference(t.astype(np.float64)) for t in tiles]
+    )
+    rgb = np.repeat(grey[..., None], 3, axis=3).astype(np.float32)
+    rgb[..., 0] += 10.0  # only the green channel counts
+    got = _focus(torch.from_numpy(rgb), FOCUS_MARGIN)
+    ref = [_focus_reference(t) for t in rgb]
     np.testing.assert_allclose(got, ref, rtol=1e-4)
     assert np.isnan(got[2])
-    assert got[1] < 0.5 < got[0]  # blur lowers the ratio below the default threshold
+    assert got[1] < 0.65 < got[0]  # blur takes the ratio below the default triage.min_focus
     # A smaller margin is padded, not refused; the figure barely changes.
-    inner = torch.from_numpy(tiles[:1, 5:-5, 5:-5])
-    assert _focus(inner, FOCUS_MARGIN - 5)[0] == pytest.approx(got[0], rel=0.1)
+    inner = torch.from_numpy(rgb[:1, 4:-4, 4:-4])
+    assert _focus(inner, FOCUS_MARGIN - 4)[0] == pytest.approx(got[0], rel=0.1)
 
 
 def test_bands_keep_row_major_order_unless_the_slide_is_wider_than_the_cache() -> None:

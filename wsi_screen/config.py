@@ -161,7 +161,7 @@ class TriageSettings(_Section):
     min_cellular_area_mm2: float = Field(0.05, ge=0.0, description="QC: less cellular area is flagged")
     max_artifact_fraction: float = Field(0.5, ge=0.0, le=1.0, description="QC: flag above this")
     min_focus: float = Field(
-        0.5,
+        0.65,
         ge=0.0,
         description="a tile is out of focus below this sharpness ratio (fine / mid band edge detail)",
     )

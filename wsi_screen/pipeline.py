@@ -177,55 +177,57 @@ class BatchResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-#: Gaussian σ (model px) of the fine and coarse blur of the focus measure.
-FOCUS_SIGMAS = (1.0, 2.5)
-#: Pixels the focus measure needs around the core (the coarse kernel's radius).
-FOCUS_MARGIN = int(3 * FOCUS_SIGMAS[1]) + 1
+#: The focus measure works on the green channel averaged over 2×2 pixels (0.5 µm/px at the default
+#: 0.25 µm/px): defocus that matters for screening (σ ≳ 1 µm) still removes its fine band, at a
+#: quarter of the pixels.
+FOCUS_DOWNSAMPLE = 2
+#: Box filters (px at the reduced resolution, applied in turn) of the fine and of the coarse blur:
+#: σ² = 2 · (3² − 1) / 12 ≈ 1.33 px² and 1.33 + 2 · (5² − 1) / 12 ≈ 5.33 px² (σ ≈ 1.15 and 2.3 px).
+FOCUS_FINE_BOXES = (3, 3)
+FOCUS_COARSE_BOXES = (5, 5)
+#: Full-resolution pixels the focus measure needs around the core (the coarse blur's radius).
+FOCUS_MARGIN = FOCUS_DOWNSAMPLE * sum(k // 2 for k in FOCUS_FINE_BOXES + FOCUS_COARSE_BOXES)
 
 
-def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
+def _box_blur(img: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Box filters of ``sizes`` in turn on (N, 1, H, W); valid part only (shrinks by Σ k // 2)."""
     import torch
 
-    r = int(3 * sigma) + 1
-    x = torch.arange(-r, r + 1, dtype=torch.float32, device=device)
-    k = torch.exp(-(x**2) / (2.0 * sigma * sigma))
-    return k / k.sum()
+    for k in sizes:
+        img = torch.nn.functional.avg_pool2d(img, k, stride=1)
+    return img
 
 
-def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, H, W), valid part only (shrinks by the kernel radius)."""
-    import torch
-
-    k = _gaussian_kernel(sigma, img.device)
-    x = torch.nn.functional.conv2d(img, k.view(1, 1, 1, -1))
-    return torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))
-
-
-def _focus(gray: torch.Tensor, margin: int, *, edge: float = 2.0, min_fraction: float = 0.002) -> list[float]:
+def _focus(img: torch.Tensor, margin: int, *, edge: float = 2.0, min_fraction: float = 0.002) -> list[float]:
     """Per tile: a stain- and content-independent sharpness ratio (NaN where too few edges).
 
-    ``gray`` is (B, H, W) grey levels 0–255 of the tile cores plus ``margin`` pixels on every side
-    (:data:`FOCUS_MARGIN` is enough; a smaller one is padded). On the pixels where the mid-frequency band
-    ``|G(σ=1) − G(σ=2.5)|`` exceeds ``edge`` grey levels (the edges of nuclei and cytoplasm), the
-    measure is mean ``|I − G(σ=1)|`` over mean ``|G(σ=1) − G(σ=2.5)|``: the share of fine detail
-    relative to the coarser edge contrast. Blur removes the fine band first, so the ratio falls
-    (about 0.6 when sharp, below 0.5 when out of focus at 0.25 µm/px, see docs/outputs.md); unlike
-    the variance of the Laplacian it hardly depends on how much or how dark the material is.
+    ``img`` is (B, H, W) grey levels or (B, H, W, 3) RGB (0–255; the green channel is used) of the
+    tile cores plus ``margin`` pixels on every side (:data:`FOCUS_MARGIN` is enough; a smaller margin
+    is padded). The image is averaged over 2×2 pixels; then, with G1 its fine blur (σ ≈ 1.15 px) and
+    G2 its coarse blur (σ ≈ 2.3 px), over the pixels where the mid band ``|G1 − G2|`` exceeds ``edge``
+    grey levels (edges of nuclei and cytoplasm), the measure is mean ``|I − G1|`` over mean
+    ``|G1 − G2|``: fine detail relative to the coarser edge contrast. Defocus removes the fine band
+    first, so the ratio falls (calibration: docs/outputs.md); unlike the variance of the Laplacian it
+    hardly depends on how much or how dark the material is.
     """
     import torch
 
-    g = gray.float()[:, None]
-    if margin < FOCUS_MARGIN:  # too little context read around the core: replicate its border
+    g = (img[..., 1] if img.ndim == 4 else img).float()[:, None]
+    if margin < FOCUS_MARGIN:  # too little context around the core: replicate its border
         pad = FOCUS_MARGIN - margin
         g = torch.nn.functional.pad(g, (pad, pad, pad, pad), mode="replicate")
         margin = FOCUS_MARGIN
-    r1, r2 = int(3 * FOCUS_SIGMAS[0]) + 1, int(3 * FOCUS_SIGMAS[1]) + 1
-    b2 = _blur(g, FOCUS_SIGMAS[1])  # valid part: shrunk by r2
-    b1 = _blur(g, FOCUS_SIGMAS[0])  # shrunk by r1
+    d, m = FOCUS_DOWNSAMPLE, FOCUS_MARGIN
     h, w = int(g.shape[2]) - 2 * margin, int(g.shape[3]) - 2 * margin
-    core = g[:, 0, margin : margin + h, margin : margin + w]
-    b1 = b1[:, 0, margin - r1 : margin - r1 + h, margin - r1 : margin - r1 + w]
-    b2 = b2[:, 0, margin - r2 : margin - r2 + h, margin - r2 : margin - r2 + w]
+    g = g[:, :, margin - m : margin + h + m, margin - m : margin + w + m]
+    x = torch.nn.functional.avg_pool2d(g, d, ceil_mode=False) if d > 1 else g
+    mr = m // d  # margin at the reduced resolution
+    hr, wr = int(x.shape[2]) - 2 * mr, int(x.shape[3]) - 2 * mr
+    f = sum(k // 2 for k in FOCUS_FINE_BOXES)
+    b1 = _box_blur(x, FOCUS_FINE_BOXES)
+    b2 = _box_blur(b1, FOCUS_COARSE_BOXES)[:, 0, :hr, :wr]
+    core = x[:, 0, mr : mr + hr, mr : mr + wr]
+    b1 = b1[:, 0, mr - f : mr - f + hr, mr - f : mr - f + wr]
     mid = (b1 - b2).abs().flatten(1)
     fine = (core - b1).abs().flatten(1)
     sel = mid > edge
@@ -293,7 +295,7 @@ class TileProcessor:
         # Focus needs the grey level of the core and a small margin only.
         m = max(self.grid.halo - FOCUS_MARGIN, 0)
         core = norm[:, m : norm.shape[1] - m, m : norm.shape[2] - m] if m else norm
-        focus = _focus(core.float().mean(dim=3), min(self.grid.halo, FOCUS_MARGIN))
+        focus = _focus(core, min(self.grid.halo, FOCUS_MARGIN))
         t1 = time.perf_counter()
         timings["normalize"] = t1 - t0
         cands = self.localizer.localize(norm, window_mpp=self.grid.mpp, halo_px=self.grid.halo)
