@@ -1,6 +1,7 @@
 """Peak memory of ``wsi-screen run`` on a synthetic slide and on one with 4× the area.
 
     python pipelines/bench_memory.py --sizes 8192 16384 --out bench_memory.json
+    python pipelines/bench_memory.py --no-heap-tuning --out before.json   # glibc's dynamic threshold
 
 Each slide is synthesized (same density of cells, so the larger one has about 4× the cells and
 tiles), then screened by ``wsi-screen run`` in its own subprocess; the child's peak resident set
@@ -43,10 +44,10 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def measure(cmd: list[str], *, sample_s: float = 0.25) -> dict[str, Any]:
+def measure(cmd: list[str], *, sample_s: float = 0.25, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd``; return its peak RSS (MiB, from wait4) and sampled RSS trace."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -90,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="BYTES",
-        help="call glibc mallopt(M_MMAP_THRESHOLD, BYTES) in the child before anything else (the fix "
-        "proposed in docs/performance.md); default: the process as shipped",
+        help="call glibc mallopt(M_MMAP_THRESHOLD, BYTES) in the child before anything else "
+        "(default: the process as shipped, which fixes it at 4 MiB when it loads the models)",
+    )
+    ap.add_argument(
+        "--no-heap-tuning",
+        action="store_true",
+        help="run the child with WSI_SCREEN_HEAP_TUNING=0 (glibc's dynamic mmap threshold, as before "
+        "runtime.limit_heap_growth existed)",
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -117,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             ]  # fmt: skip
             for o in args.overrides:
                 cmd += ["--set", o]
-            m = measure(cmd)
+            env = {**os.environ, "WSI_SCREEN_HEAP_TUNING": "0"} if args.no_heap_tuning else None
+            m = measure(cmd, env=env)
             run = json.loads((work / "out" / slide.stem / "run.json").read_text())
             m.update(
                 size=size,

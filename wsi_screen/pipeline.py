@@ -112,8 +112,9 @@ def load_models(settings: Settings, *, device: torch.device | None = None) -> Mo
     from wsi_screen.classify import CellClassifier
     from wsi_screen.localize import Localizer
     from wsi_screen.models.bundle import load_bundle
-    from wsi_screen.runtime import configure_torch, resolve_device
+    from wsi_screen.runtime import configure_torch, limit_heap_growth, resolve_device
 
+    limit_heap_growth()
     configure_torch(threads=settings.runtime.torch_threads)
     dev = device if device is not None else resolve_device(settings.runtime.device)
     loc_bundle = load_bundle(settings.localization.model, task="localization")

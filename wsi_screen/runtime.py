@@ -11,7 +11,14 @@ from wsi_screen.errors import WsiScreenError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DeviceError", "autocast_context", "configure_torch", "cpu_count", "resolve_device"]
+__all__ = [
+    "DeviceError",
+    "autocast_context",
+    "configure_torch",
+    "cpu_count",
+    "limit_heap_growth",
+    "resolve_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,41 @@ def configure_torch(*, threads: int = 0) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+#: Buffers at least this large are served by mmap (returned to the OS when freed): see
+#: :func:`limit_heap_growth`.
+MMAP_THRESHOLD_BYTES = 4 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def limit_heap_growth(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold so large buffers do not fragment the heap (Linux/glibc only).
+
+    glibc raises its mmap threshold after each large free, so the read windows and tensors of a few MiB
+    that the reader threads, the device stage and the writer pass around end up in the threads' heap
+    arenas, which fragment and are never trimmed: the peak RSS then grows with the slide. With a fixed
+    threshold they are mmapped and returned on free (measured in docs/performance.md, *Memory*).
+    A ``MALLOC_MMAP_THRESHOLD_`` environment variable set by the user wins, and
+    ``WSI_SCREEN_HEAP_TUNING=0`` turns this off. Returns whether it applied.
+    """
+    import ctypes
+    import sys
+
+    if (
+        not sys.platform.startswith("linux")
+        or "MALLOC_MMAP_THRESHOLD_" in os.environ
+        or os.environ.get("WSI_SCREEN_HEAP_TUNING") == "0"
+    ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    if ok:
+        logger.debug("glibc mmap threshold fixed at %d bytes", threshold)
+    return ok
 
 
 def autocast_context(device: torch.device) -> torch.autocast:
