@@ -117,6 +117,8 @@ class LocalizationSettings(_Section):
 class ClassificationSettings(_Section):
     """Cell classifier bundle(s); several bundles are averaged (an ensemble)."""
 
+    # cyto-synth-v1 stays the default (demo, CI, synthetic slides); on a real slide pass
+    # --model cyto-herlev-v1 explicitly — measured decision in docs/models.md (cyto-herlev-v1 card).
     models: list[str] = Field(default_factory=lambda: ["cyto-synth-v1"], min_length=1)
     batch_size: int = Field(128, ge=1, le=65536)
 
