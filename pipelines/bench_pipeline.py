@@ -25,17 +25,8 @@ from typing import Any
 
 from wsi_screen.config import load_settings
 from wsi_screen.pipeline import load_models, run_slide
+from wsi_screen.runtime import cpu_model
 from wsi_screen.synth import synthesize_slide
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: str) -> dict[str, Any]:

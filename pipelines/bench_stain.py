@@ -30,21 +30,12 @@ import torch
 from numpy.typing import NDArray
 
 from wsi_screen import stain
+from wsi_screen.runtime import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 # A Pap-like target in Ruderman lαβ (any valid target exercises the same arithmetic).
 TARGET = stain.ReinhardStats(mu=(8.9, -0.05, -0.02), sigma=(0.45, 0.06, 0.03))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def version(dist: str) -> str | None:

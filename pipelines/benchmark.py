@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from wsi_screen.runtime import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_VERSION = 1
 DEFAULT_WSINFER_PYTHON = Path("/tmp/wsinfer-venv/bin/python")
@@ -84,16 +86,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: Any) -> dict[str, Any]:

@@ -540,6 +540,7 @@ def run_slide(
 
     from wsi_screen.geojson import select_cells, write_geojson
     from wsi_screen.report import build_report, write_report
+    from wsi_screen.runtime import cpu_model
     from wsi_screen.store import TILE_UNREADABLE, read_cells
     from wsi_screen.summary import summarize, write_summary
     from wsi_screen.tissue import qc_thumbnail_png, slide_cell_regions
@@ -731,7 +732,7 @@ def run_slide(
                 "stages": stage,
                 "started": started.isoformat(),
                 "finished": datetime.now(timezone.utc).isoformat(),
-                "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+                "host": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count()},
             }
             _write_json(tmp / "run.json", run_info)
         final = out_root / sid

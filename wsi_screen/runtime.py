@@ -16,6 +16,7 @@ __all__ = [
     "autocast_context",
     "configure_torch",
     "cpu_count",
+    "cpu_model",
     "limit_heap_growth",
     "resolve_device",
 ]
@@ -58,6 +59,20 @@ def cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), for run records and benchmark tables."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def configure_torch(*, threads: int = 0) -> None:
