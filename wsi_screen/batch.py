@@ -761,23 +761,14 @@ def process_slide(
             return SlideOutcome(
                 entry.rel, entry.slide_id, "pending", note="abandoned when the batch was stopped"
             )
-        except WsiScreenError as exc:
-            msg = _one_line(exc)
-            _record_failure(job, msg, type(exc).__name__)
-            logger.debug("%s: failed: %s", entry.rel, msg)
-            return SlideOutcome(
-                entry.rel,
-                entry.slide_id,
-                "failed",
-                error=msg,
-                started=started,
-                finished=_now(),
-                seconds=round(time.perf_counter() - t0, 3),
-                worker=_worker_name(),
-            )
         except Exception as exc:  # one bad slide never stops the batch
-            msg = f"internal error: {type(exc).__name__}: {_one_line(exc)}"
-            logger.debug("%s: failed: %s", entry.rel, msg, exc_info=True)
+            if isinstance(exc, WsiScreenError):
+                msg = _one_line(exc)
+                _record_failure(job, msg, type(exc).__name__)
+                logger.debug("%s: failed: %s", entry.rel, msg)
+            else:  # a bug: not recorded as the slide's fault, so a rerun tries it again
+                msg = f"internal error: {type(exc).__name__}: {_one_line(exc)}"
+                logger.debug("%s: failed: %s", entry.rel, msg, exc_info=True)
             return SlideOutcome(
                 entry.rel,
                 entry.slide_id,

@@ -10,7 +10,7 @@ import click
 
 from wsi_screen.cli.main import cli, common_options, configure_from_context
 from wsi_screen.cli.options import config_options, settings_from_options
-from wsi_screen.cli.train_classifier import crops_from_options, data_options
+from wsi_screen.cli.train_classifier import crops_from_options, data_option_values, data_options
 
 
 @cli.command("evaluate", short_help="Score classifier bundle(s) on labelled crops or annotated slides.")
@@ -77,17 +77,7 @@ def evaluate(ctx: click.Context, /, **kw: Any) -> None:
         None if first.stain_target is None else ReinhardStats(first.stain_target.mu, first.stain_target.sigma)
     )
     data = crops_from_options(
-        data_dirs=kw["data_dirs"],
-        mpp=kw["mpp"],
-        class_map=kw["class_map"],
-        annotations=kw["annotations"],
-        slides_dir=kw["slides_dir"],
-        slide_mpp=kw["slide_mpp"],
-        synthetic=kw["synthetic"],
-        synthetic_seed=kw["synthetic_seed"],
-        synthetic_size=kw["synthetic_size"],
-        cache_dir=kw["cache_dir"],
-        localizer=kw["localizer"],
+        **data_option_values(kw),
         stain="none" if target is None else kw["stain"],
         classes=None,
         target_mpp=first.mpp,

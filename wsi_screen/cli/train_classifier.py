@@ -19,7 +19,7 @@ from wsi_screen.cli.train import train
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["crops_from_options", "data_options"]
+__all__ = ["crops_from_options", "data_option_values", "data_options"]
 
 
 def _csv_list(text: str | None) -> list[str] | None:
@@ -117,6 +117,27 @@ def data_options(func: F) -> F:
     for opt in reversed(opts):
         func = opt(func)
     return func
+
+
+#: Keyword arguments of :func:`crops_from_options` that come straight from :func:`data_options`.
+DATA_OPTION_NAMES = (
+    "data_dirs",
+    "mpp",
+    "class_map",
+    "annotations",
+    "slides_dir",
+    "slide_mpp",
+    "synthetic",
+    "synthetic_seed",
+    "synthetic_size",
+    "cache_dir",
+    "localizer",
+)
+
+
+def data_option_values(kw: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`data_options` values of a command's keyword arguments, for :func:`crops_from_options`."""
+    return {name: kw[name] for name in DATA_OPTION_NAMES}
 
 
 def crops_from_options(
@@ -393,17 +414,7 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     data = crops_from_options(
-        data_dirs=kw["data_dirs"],
-        mpp=kw["mpp"],
-        class_map=kw["class_map"],
-        annotations=kw["annotations"],
-        slides_dir=kw["slides_dir"],
-        slide_mpp=kw["slide_mpp"],
-        synthetic=kw["synthetic"],
-        synthetic_seed=kw["synthetic_seed"],
-        synthetic_size=kw["synthetic_size"],
-        cache_dir=kw["cache_dir"],
-        localizer=kw["localizer"],
+        **data_option_values(kw),
         stain=kw["stain"],
         classes=classes,
         target_mpp=kw["model_mpp"],
