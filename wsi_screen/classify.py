@@ -3,13 +3,23 @@
 Crops are gathered from the normalized read windows with one advanced-indexing operation per batch
 (no per-cell Python loop): a crop centred on a cell near a core edge still lies inside its window,
 because the halo is at least half a crop wide (``tiling.halo_um`` ≥ crop size × µm/px / 2).
+
+Classifier input representations (``bundle.input_representation``, :data:`REPRESENTATIONS`):
+
+- ``rgb``: the Reinhard-normalized crop;
+- ``rgb+mask``: the crop plus a fourth channel, the **nucleus mask** — 255 inside every nucleus
+  outline the localizer found in the window (:func:`nucleus_mask`), 0 elsewhere — cut from the same
+  window at the same place (segmentation-informed classification). Training cuts it by the same code.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 from wsi_screen.errors import BundleError
 from wsi_screen.runtime import autocast_context
@@ -19,11 +29,36 @@ if TYPE_CHECKING:
 
     from wsi_screen.models.bundle import ModelBundle
 
-__all__ = ["CellClassifier", "cut_crops"]
+__all__ = ["MASK_REPRESENTATION", "REPRESENTATIONS", "CellClassifier", "cut_crops", "nucleus_mask"]
 
 logger = logging.getLogger(__name__)
 
 _PAD_VALUE = 255  # crops running off a window are filled with white glass
+#: Classifier input representations and their number of channels.
+REPRESENTATIONS: dict[str, int] = {"rgb": 3, "rgb+mask": 4}
+#: The representation with the nucleus-mask channel.
+MASK_REPRESENTATION = "rgb+mask"
+
+
+def nucleus_mask(outlines: Sequence[NDArray[np.floating[Any]]], shape: tuple[int, int]) -> NDArray[np.uint8]:
+    """A (H, W) uint8 mask, 255 inside any of the nucleus ``outlines`` and 0 elsewhere.
+
+    Outlines are (K, 2) polygons of (x, y) in continuous window pixels (pixel ``i`` spans
+    ``[i, i + 1)``, as :class:`wsi_screen.localize.TileCandidates` gives them); a pixel is inside when
+    its centre is. Outlines with fewer than three vertices are ignored.
+    """
+    from skimage.draw import polygon
+
+    h, w = shape
+    out = np.zeros((h, w), np.uint8)
+    for o in outlines:
+        if len(o) < 3:
+            continue
+        rr, cc = polygon(  # type: ignore[no-untyped-call]
+            np.asarray(o[:, 1], np.float64) - 0.5, np.asarray(o[:, 0], np.float64) - 0.5, shape=(h, w)
+        )
+        out[rr, cc] = 255
+    return out
 
 
 def cut_crops(
@@ -87,16 +122,23 @@ class CellClassifier:
             cfg = b.config
             if cfg.task != "classification":
                 raise BundleError(f"bundle {cfg.name} is a {cfg.task} model, not a classifier")
-            for attr in ("class_names", "input_size", "mpp"):
+            for attr in ("class_names", "input_size", "mpp", "input_representation"):
                 if getattr(cfg, attr) != getattr(first, attr):
                     raise BundleError(
                         f"ensemble members disagree on {attr}: {first.name} has {getattr(first, attr)!r}, "
                         f"{cfg.name} has {getattr(cfg, attr)!r}"
                     )
-            if cfg.in_channels != 3:
+            rep = cfg.input_representation
+            if rep not in REPRESENTATIONS:
                 raise BundleError(
-                    f"bundle {cfg.name} expects {cfg.in_channels} input channels; "
-                    "the pipeline feeds RGB crops"
+                    f"bundle {cfg.name}: unknown input_representation {rep!r} for a classifier; "
+                    f"known: {', '.join(REPRESENTATIONS)}"
+                )
+            if cfg.in_channels != REPRESENTATIONS[rep] or len(cfg.mean) != cfg.in_channels:
+                raise BundleError(
+                    f"bundle {cfg.name}: input_representation {rep!r} needs {REPRESENTATIONS[rep]} input "
+                    f"channels (and as many mean/std values); the bundle says {cfg.in_channels} "
+                    f"({len(cfg.mean)} mean values)"
                 )
         self.bundles = list(bundles)
         self.device = device
@@ -105,6 +147,8 @@ class CellClassifier:
         self.abnormal_classes: list[str] = list(first.abnormal_classes)
         self.input_size = int(first.input_size)
         self.mpp = float(first.mpp)
+        self.input_representation = str(first.input_representation)
+        self.in_channels = REPRESENTATIONS[self.input_representation]
         self._models = []
         self._norm = []
         for b in self.bundles:
@@ -120,10 +164,23 @@ class CellClassifier:
     def names(self) -> list[str]:
         return [b.name for b in self.bundles]
 
+    @property
+    def needs_mask(self) -> bool:
+        """Whether the crops must carry the nucleus-mask channel (``rgb+mask`` bundles)."""
+        return self.input_representation == MASK_REPRESENTATION
+
     def predict(self, crops: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, C) float32 for uint8 channels-last crops (N, H, W, 3)."""
+        """Class probabilities (N, K) float32 for uint8 channels-last crops (N, H, W, C).
+
+        C is :attr:`in_channels`: 3 (RGB) or 4 (RGB + nucleus mask, :attr:`needs_mask`).
+        """
         import torch
 
+        if crops.ndim != 4 or int(crops.shape[3]) != self.in_channels:
+            raise ValueError(
+                f"{' + '.join(self.names)} takes ({self.input_representation}) crops of shape "
+                f"(N, H, W, {self.in_channels}), got {tuple(crops.shape)}"
+            )
         n = int(crops.shape[0])
         out = torch.zeros((n, len(self.class_names)), dtype=torch.float32, device=self.device)
         if n == 0:

@@ -174,7 +174,7 @@ class BatchResult:
 
     tables: list[CellTable]
     focus: list[float]
-    crops: torch.Tensor | None = None  # (N, S, S, 3) uint8, when ``keep_crops``
+    crops: torch.Tensor | None = None  # (N, S, S, 3 or 4) uint8, when ``keep_crops``
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -257,7 +257,10 @@ class TileProcessor:
         crop_size: int,
         device: torch.device,
         keep_crops: bool = False,
+        mask_channel: bool | None = None,
     ) -> None:
+        """``mask_channel``: add the nucleus-mask channel to the crops (default: when the classifier
+        needs it, :attr:`CellClassifier.needs_mask`)."""
         if 2 * grid.halo < crop_size:
             raise ConfigError(
                 f"tiling.halo_um gives a halo of {grid.halo} px, less than half a {crop_size} px crop: "
@@ -271,6 +274,14 @@ class TileProcessor:
         self.crop_size = int(crop_size)
         self.device = device
         self.keep_crops = keep_crops
+        self.mask_channel = bool(classifier.needs_mask if classifier is not None else False)
+        if mask_channel is not None:
+            if classifier is not None and bool(mask_channel) != classifier.needs_mask:
+                raise ConfigError(
+                    f"classifier {' + '.join(classifier.names)} takes {classifier.input_representation} "
+                    f"crops; mask_channel={mask_channel} contradicts it"
+                )
+            self.mask_channel = bool(mask_channel)
 
     def normalize(self, windows: torch.Tensor) -> torch.Tensor:
         """Reinhard towards the bundle target with the slide's source statistics (or pass through)."""
@@ -283,7 +294,7 @@ class TileProcessor:
     def __call__(self, tiles: Sequence[Tile], windows: Sequence[NDArray[np.uint8]]) -> BatchResult:
         import torch
 
-        from wsi_screen.classify import cut_crops
+        from wsi_screen.classify import cut_crops, nucleus_mask
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -315,13 +326,16 @@ class TileProcessor:
             cxs.append(np.floor(np.asarray(c.x)[own]).astype(np.int64))
             cys.append(np.floor(np.asarray(c.y)[own]).astype(np.int64))
         ti = torch.from_numpy(np.concatenate(tile_idx)) if tile_idx else torch.zeros(0, dtype=torch.long)
-        crops = cut_crops(
-            norm,
-            ti,
-            torch.from_numpy(np.concatenate(cxs)) if cxs else ti,
-            torch.from_numpy(np.concatenate(cys)) if cys else ti,
-            self.crop_size,
-        )
+        cx_t = torch.from_numpy(np.concatenate(cxs)) if cxs else ti
+        cy_t = torch.from_numpy(np.concatenate(cys)) if cys else ti
+        crops = cut_crops(norm, ti, cx_t, cy_t, self.crop_size)
+        if self.mask_channel:
+            hw = (int(norm.shape[1]), int(norm.shape[2]))
+            mask_np = np.zeros((len(cands), *hw), np.uint8)
+            for b, c in enumerate(cands):
+                mask_np[b] = nucleus_mask(c.outlines, hw)
+            masks = torch.from_numpy(mask_np)[..., None].to(norm.device)
+            crops = torch.cat([crops, cut_crops(masks, ti, cx_t, cy_t, self.crop_size, pad_value=0)], dim=3)
         t3 = time.perf_counter()
         timings["crop"] = t3 - t2
         if self.classifier is not None:

@@ -86,6 +86,7 @@ def evaluate(ctx: click.Context, /, **kw: Any) -> None:
         device=kw["device"],
         progress=progress,
         stain_target=target,
+        mask_channel=first.input_representation == "rgb+mask",
     )
     metrics = evaluate_bundles(
         list(kw["models"]), data, classes=kw["class_mode"], device=kw["device"], batch_size=kw["batch_size"]

@@ -161,8 +161,10 @@ def crops_from_options(
     device: str,
     progress: bool,
     stain_target: Any = None,
+    mask_channel: bool = False,
 ) -> Any:
-    """Load the crops named by :func:`data_options` (a :class:`~wsi_screen.train.data.CropSet`)."""
+    """Load the crops named by :func:`data_options` (a :class:`~wsi_screen.train.data.CropSet`);
+    ``mask_channel``: with the nucleus-mask channel (``rgb+mask`` bundles)."""
     from wsi_screen.train.data import collect_crops
 
     if localizer:
@@ -186,6 +188,7 @@ def crops_from_options(
         settings=settings,
         device=device,
         progress=progress,
+        mask_channel=mask_channel,
     )
 
 
@@ -229,6 +232,13 @@ def crops_from_options(
     default=None,
     metavar="BUNDLE",
     help="Start from a classifier bundle's weights (its architecture; a new head if the classes differ).",
+)
+@click.option(
+    "--mask-channel",
+    is_flag=True,
+    help="Feed the classifier the nucleus mask as a 4th input channel (segmentation-informed; the "
+    "bundle is rgb+mask and `run` makes the channel with the localizer). Needs --annotations or "
+    "--synthetic: crop folders have no slide to localize in.",
 )
 @click.option(
     "--freeze-epochs",
@@ -354,6 +364,7 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
       --annotations 'ANN/*.geojson' --slides DIR  QuPath point/polygon annotations on slides
       --synthetic N                               synthetic slides with exact ground truth
 
+    --mask-channel adds the nucleus mask as a 4th input channel (annotations and synthetic slides).
     Splits are by group (slide, patient or source image): no group is in two splits; the split
     is saved as split.json in the bundle. Validation/test metrics are stored in bundle.json.
     See docs/training.md.
@@ -376,6 +387,14 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
             raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--arch-kwargs") from exc
         if not isinstance(arch_kwargs, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--arch-kwargs")
+    if kw["init"] and not kw["mask_channel"]:
+        from wsi_screen.models.bundle import load_bundle
+
+        init_cfg = load_bundle(kw["init"], task="classification").config
+        if init_cfg.input_representation != "rgb":
+            raise click.UsageError(
+                f"--init {init_cfg.name} takes {init_cfg.input_representation} crops: add --mask-channel"
+            )
     if kw["no_augment"]:
         augment = AugmentConfig.none()
     else:
@@ -422,6 +441,7 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
         settings=settings,
         device=kw["device"],
         progress=progress,
+        mask_channel=kw["mask_channel"],
     )
     click.echo(
         f"{len(data):,} crops from {len(set(data.groups.tolist())):,} groups: "

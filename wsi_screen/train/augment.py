@@ -10,6 +10,9 @@ nucleus size is diagnostic, so scale jitter is small):
   Reinhard — plus brightness, contrast and saturation jitter;
 - **optics**: Gaussian blur with probability ``blur_p`` (σ up to ``blur_um`` µm: focus variation) and
   Gaussian sensor noise (σ up to ``noise`` grey levels).
+
+A fourth channel (the nucleus mask of ``rgb+mask`` crops) follows the geometry only: colour and optics
+change the RGB channels, not what the localizer found.
 """
 
 from __future__ import annotations
@@ -140,7 +143,10 @@ def augment_batch(
     mpp: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Augment uint8 (N, H, W, 3) crops; returns float32 (N, 3, H, W) in grey levels [0, 255]."""
+    """Augment uint8 (N, H, W, C) crops; returns float32 (N, C, H, W) in grey levels [0, 255].
+
+    C is 3 (RGB) or 4 (RGB + nucleus mask: geometry only).
+    """
     x = crops.permute(0, 3, 1, 2).float()
     n = x.shape[0]
     if n == 0:
@@ -148,6 +154,8 @@ def augment_batch(
     dev = x.device
     if cfg.flips or cfg.scale > 0 or cfg.shift_um > 0:
         x = _geometry(x, cfg, mpp, generator)
+    extra = x[:, 3:]
+    x = x[:, :3]
     if cfg.hed > 0:
         x = _hed_jitter(x, cfg.hed, generator)
     if cfg.saturation > 0:
@@ -171,4 +179,5 @@ def augment_batch(
         sd = (torch.rand(n, 1, 1, 1, generator=generator) * cfg.noise).to(dev)
         noise = torch.randn(x.shape, generator=generator).to(dev)
         x = x + noise * sd
-    return torch.clamp(x, 0.0, 255.0)
+    x = torch.clamp(x, 0.0, 255.0)
+    return torch.cat([x, extra], dim=1) if extra.shape[1] else x

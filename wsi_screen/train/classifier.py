@@ -230,12 +230,44 @@ def _set_frozen(model: nn.Module, frozen: bool) -> None:
         p.requires_grad_(not frozen or id(p) in head)
 
 
+def _widen_inputs(model: nn.Module, state: dict[str, Any]) -> list[str]:
+    """Zero-pad the input-channel dimension of weights for a model with more input channels.
+
+    An RGB bundle initialises an RGB + mask model this way: the new mask channel's weights start at
+    zero, so the network first computes exactly what the RGB bundle did and learns to use the mask.
+    Returns the widened keys.
+    """
+    import torch
+
+    own = model.state_dict()
+    widened = []
+    for k, v in state.items():
+        mine = own.get(k)
+        if (
+            mine is not None
+            and v.ndim >= 2
+            and mine.ndim == v.ndim
+            and mine.shape[1] > v.shape[1]
+            and mine.shape[:1] == v.shape[:1]
+            and mine.shape[2:] == v.shape[2:]
+        ):
+            pad = v.new_zeros((v.shape[0], mine.shape[1] - v.shape[1], *v.shape[2:]))
+            state[k] = torch.cat([v, pad], dim=1)
+            widened.append(k)
+    return widened
+
+
 def _load_init(model: nn.Module, bundle: ModelBundle, class_names: Sequence[str]) -> str:
-    """Load a bundle's weights into ``model``; the head too when the classes are the same."""
-    state = bundle.state_dict()
+    """Load a bundle's weights into ``model``; the head too when the classes are the same.
+
+    An RGB bundle can initialise an RGB + mask model (:func:`_widen_inputs`).
+    """
+    state = dict(bundle.state_dict())
+    widened = _widen_inputs(model, state)
+    note = f"; input layer widened for the mask channel ({', '.join(widened)})" if widened else ""
     if list(bundle.config.class_names) == list(class_names):
         model.load_state_dict(state, strict=True)
-        return "all weights"
+        return "all weights" + note
     head = _head_parameters(model)
     head_names = {n for n, p in model.named_parameters() if id(p) in head}
     state = {k: v for k, v in state.items() if k not in head_names}
@@ -246,7 +278,7 @@ def _load_init(model: nn.Module, bundle: ModelBundle, class_names: Sequence[str]
             f"--init {bundle.name}: weights do not fit the model "
             f"({len(bad)} missing, {len(unexpected)} unexpected)"
         )
-    return "backbone (new head for the new classes)"
+    return "backbone (new head for the new classes)" + note
 
 
 def _dataset_mean_std(
@@ -255,8 +287,9 @@ def _dataset_mean_std(
     rng = np.random.default_rng(seed)
     take = np.sort(rng.choice(idx, size=min(len(idx), 512), replace=False))
     x = np.asarray(crops[take], np.float64) / 255.0
-    mean = x.reshape(-1, 3).mean(axis=0)
-    std = x.reshape(-1, 3).std(axis=0)
+    c = int(x.shape[-1])
+    mean = x.reshape(-1, c).mean(axis=0)
+    std = x.reshape(-1, c).std(axis=0)
     return [round(float(m), 4) for m in mean], [round(float(max(s, 1e-3)), 4) for s in std]
 
 
@@ -301,7 +334,7 @@ def predict_crops(
     device: torch.device,
     batch_size: int = 128,
 ) -> NDArray[np.float32]:
-    """Softmax probabilities of a model (eval mode, no augmentation) for uint8 (N, S, S, 3) crops."""
+    """Softmax probabilities of a model (eval mode, no augmentation) for uint8 (N, S, S, C) crops."""
     import torch
 
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
@@ -474,18 +507,25 @@ def train_classifier(
             raise TrainingError(
                 f"--init {init_bundle.name}: a re-parameterized (deploy) RunicNet cannot be trained further"
             )
-    model = create_model(arch, num_classes=len(names), in_chans=3, **arch_kwargs)
+    if init_bundle is not None and init_bundle.config.in_channels > data.channels:
+        raise TrainingError(
+            f"--init {init_bundle.name} takes {init_bundle.config.input_representation} crops; the data is "
+            f"{data.representation} (add --mask-channel)"
+        )
+    model = create_model(arch, num_classes=len(names), in_chans=data.channels, **arch_kwargs)
     if init_bundle is not None and ckpt is None:
         init_note = f"initialised from bundle {init_bundle.name} ({_load_init(model, init_bundle, names)})"
     model.to(device)
     if ckpt is not None:
         mean, std = list(ckpt["mean"]), list(ckpt["std"])
-    elif init_bundle is not None:
-        mean, std = list(init_bundle.config.mean), list(init_bundle.config.std)
     else:
         mean, std = _dataset_mean_std(data.crops, tr_idx, cfg.seed)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        if init_bundle is not None:  # the bundle's RGB statistics; the data's for a new mask channel
+            k = len(init_bundle.config.mean)
+            mean = list(init_bundle.config.mean) + mean[k:]
+            std = list(init_bundle.config.std) + std[k:]
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
 
     counts = np.bincount(data.labels[tr_idx], minlength=len(names)).astype(np.float64)
     weights_t = None
@@ -720,7 +760,8 @@ def train_classifier(
         description=description or f"{arch} cell classifier ({', '.join(names)})",
         architecture=arch,
         arch_kwargs=arch_kwargs,
-        in_channels=3,
+        in_channels=data.channels,
+        input_representation=data.representation,
         input_size=data.size,
         mpp=data.mpp,
         mean=mean,
@@ -856,6 +897,11 @@ def evaluate_bundles(
         raise DataError(
             f"the crops are {data.size} px at {data.mpp} µm/px; {cfg.name} needs {clf.input_size} px at "
             f"{clf.mpp} µm/px (prepare the data with --model-mpp/--input-size, or from the raw crops)"
+        )
+    if data.channels != clf.in_channels:
+        raise DataError(
+            f"the crops are {data.representation}; {cfg.name} takes {clf.input_representation} crops "
+            "(rgb+mask crops come from --annotations or --synthetic, cut with the localizer)"
         )
     present = data.present_classes()
     unknown = [c for c in present if c not in clf.class_names]

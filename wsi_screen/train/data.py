@@ -1,6 +1,7 @@
 """Labelled cell crops for training and evaluating classifiers, from three sources.
 
-Every source gives a :class:`CropSet`: uint8 RGB crops ``(N, S, S, 3)`` at the bundle's µm/px,
+Every source gives a :class:`CropSet`: uint8 RGB crops ``(N, S, S, 3)`` at the bundle's µm/px (plus
+the nucleus-mask channel, ``(N, S, S, 4)``, when asked and the source runs the localizer),
 Reinhard-normalized towards the bundle's stain target, a class per crop and a **group** per crop (the
 slide, patient or source image), which must never be on both sides of a train/validation/test split.
 
@@ -240,8 +241,12 @@ class _ClassResolver:
 
 @dataclass
 class CropSet:
-    """Labelled crops: ``crops`` (N, S, S, 3) uint8, ``labels`` (N,) indices into ``class_names``,
-    ``groups`` (N,) group names, ``sources`` (N,) where each crop came from, at ``mpp`` µm/px."""
+    """Labelled crops: ``crops`` (N, S, S, C) uint8, ``labels`` (N,) indices into ``class_names``,
+    ``groups`` (N,) group names, ``sources`` (N,) where each crop came from, at ``mpp`` µm/px.
+
+    C is 3 (RGB) or 4 (RGB + the nucleus mask of :func:`wsi_screen.classify.nucleus_mask`; only the
+    sources that run the localizer — annotations and synthetic slides — can make those).
+    """
 
     crops: NDArray[np.uint8]
     labels: NDArray[np.int64]
@@ -253,8 +258,12 @@ class CropSet:
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if self.crops.ndim != 4 or self.crops.shape[3] != 3 or self.crops.shape[1] != self.crops.shape[2]:
-            raise ValueError(f"crops must be (N, S, S, 3), got {self.crops.shape}")
+        if (
+            self.crops.ndim != 4
+            or self.crops.shape[3] not in (3, 4)
+            or self.crops.shape[1] != self.crops.shape[2]
+        ):
+            raise ValueError(f"crops must be (N, S, S, 3) or (N, S, S, 4), got {self.crops.shape}")
         if self.crops.shape[0] != n or len(self.groups) != n or len(self.sources) != n:
             raise ValueError("crops, labels, groups and sources must have the same length")
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
@@ -267,6 +276,16 @@ class CropSet:
     def size(self) -> int:
         """Crop side in pixels."""
         return int(self.crops.shape[1])
+
+    @property
+    def channels(self) -> int:
+        """3 (RGB) or 4 (RGB + nucleus mask)."""
+        return int(self.crops.shape[3])
+
+    @property
+    def representation(self) -> str:
+        """The classifier input representation of the crops (``rgb`` or ``rgb+mask``)."""
+        return "rgb+mask" if self.channels == 4 else "rgb"
 
     def class_counts(self) -> dict[str, int]:
         """Crops per class (every class listed)."""
@@ -312,16 +331,21 @@ class CropSet:
         """Concatenate crop sets with the same crop size and µm/px (classes are merged)."""
         if not sets:
             raise ValueError("nothing to concatenate")
-        size, mpp = sets[0].size, sets[0].mpp
+        size, mpp, ch = sets[0].size, sets[0].mpp, sets[0].channels
         for s in sets:
             if s.size != size or not math.isclose(s.mpp, mpp, rel_tol=1e-6):
                 raise ValueError("crop sets differ in crop size or µm/px")
+            if s.channels != ch:
+                raise DataError(
+                    f"crop sets differ in channels ({ch} and {s.channels}): mix only sources with the "
+                    "same representation (--mask-channel needs --annotations or --synthetic)"
+                )
         names = order_classes(c for s in sets for c in s.class_names)
         parts = [s.with_classes(names) for s in sets]
         return CropSet(
             crops=np.concatenate([p.crops for p in parts])
             if parts
-            else np.zeros((0, size, size, 3), np.uint8),
+            else np.zeros((0, size, size, ch), np.uint8),
             labels=np.concatenate([p.labels for p in parts]),
             groups=np.concatenate([p.groups.astype(str) for p in parts]),
             class_names=names,
@@ -348,6 +372,7 @@ class CropSet:
             "class_counts": self.class_counts(),
             "n_groups": len(set(self.groups.tolist())),
             "crop_size_px": self.size,
+            "representation": self.representation,
             "mpp": self.mpp,
             "fingerprint": self.fingerprint(),
             **self.info,
@@ -1004,15 +1029,19 @@ def crops_from_slide(
     target: ReinhardStats | None,
     settings: Settings | None = None,
     slide_mpp: float | None = None,
+    localizer: Localizer | None = None,
 ) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
     """Crops centred on level-0 points, cut by the inference path (read → Reinhard → ``cut_crops``).
 
     Only the tiles owning a point are read (whether or not the cell-region mask kept them). Returns
-    the (K, size, size, 3) crops of the points inside the slide and the (N,) mask of those points.
+    the (K, size, size, C) crops of the points inside the slide and the (N,) mask of those points.
+    With a ``localizer`` the crops carry the nucleus-mask channel (C = 4), made as
+    :class:`~wsi_screen.pipeline.TileProcessor` makes it: the localizer on the normalized window,
+    :func:`~wsi_screen.classify.nucleus_mask` of its candidates, cut at the same place.
     """
     import torch
 
-    from wsi_screen.classify import cut_crops
+    from wsi_screen.classify import cut_crops, nucleus_mask
     from wsi_screen.config import load_settings
     from wsi_screen.reader import iter_windows
     from wsi_screen.runtime import cpu_count
@@ -1031,7 +1060,7 @@ def crops_from_slide(
         tile_ids = rows * grid.cols + cols
         wanted = sorted(set(tile_ids[inside].tolist()))
         tiles = [grid.tile(t // grid.cols, t % grid.cols) for t in wanted]
-        out = np.zeros((int(inside.sum()), size, size, 3), np.uint8)
+        out = np.zeros((int(inside.sum()), size, size, 3 if localizer is None else 4), np.uint8)
         pos = np.cumsum(inside) - 1
         workers = s.reading.workers or cpu_count()
         for read in iter_windows(slide, tiles, mpp=grid.mpp, workers=workers, prefetch=s.reading.queue_tiles):
@@ -1042,14 +1071,19 @@ def crops_from_slide(
                 win = reinhard(win, ctx.target, source=ctx.source)
             sel = np.flatnonzero(inside & (tile_ids == read.tile.index))
             px, py = read.tile.to_window(xs[sel], ys[sel])
-            crops = cut_crops(
-                win,
-                torch.zeros(len(sel), dtype=torch.long),
-                torch.from_numpy(np.floor(px).astype(np.int64)),
-                torch.from_numpy(np.floor(py).astype(np.int64)),
-                size,
-            )
-            out[pos[sel]] = crops.numpy()
+            ti = torch.zeros(len(sel), dtype=torch.long)
+            cx = torch.from_numpy(np.floor(px).astype(np.int64))
+            cy = torch.from_numpy(np.floor(py).astype(np.int64))
+            crops = cut_crops(win, ti, cx, cy, size)
+            if localizer is not None:
+                (cands,) = localizer.localize(
+                    win.to(localizer.device), window_mpp=grid.mpp, halo_px=grid.halo
+                )
+                mask = torch.from_numpy(nucleus_mask(cands.outlines, (int(win.shape[1]), int(win.shape[2]))))
+                crops = torch.cat(
+                    [crops, cut_crops(mask[None, :, :, None], ti, cx, cy, size, pad_value=0)], 3
+                )
+            out[pos[sel]] = crops.cpu().numpy()
     return out, inside
 
 
@@ -1065,6 +1099,7 @@ def crops_from_annotations(
     settings: Settings | None = None,
     slide_mpp: float | None = None,
     progress: bool = True,
+    localizer: Localizer | None = None,
 ) -> CropSet:
     """Crops of QuPath-annotated cells, cut through the inference path; one group per slide.
 
@@ -1077,6 +1112,7 @@ def crops_from_annotations(
         stain_target: Reinhard target (None: :data:`wsi_screen.stain.DEFAULT_TARGET`).
         settings: pipeline settings (tissue, tiling, stain, reading); default preset when None.
         slide_mpp: level-0 µm/px for slides without it (``--slide-mpp``).
+        localizer: when given, the crops carry the nucleus-mask channel (``rgb+mask`` bundles).
     """
     from wsi_screen.stain import DEFAULT_TARGET
 
@@ -1104,7 +1140,15 @@ def crops_from_annotations(
         xs = np.array([a.x for a in anns])
         ys = np.array([a.y for a in anns])
         crops, inside = crops_from_slide(
-            slide_path, xs, ys, mpp=mpp, size=size, target=target, settings=settings, slide_mpp=slide_mpp
+            slide_path,
+            xs,
+            ys,
+            mpp=mpp,
+            size=size,
+            target=target,
+            settings=settings,
+            slide_mpp=slide_mpp,
+            localizer=localizer,
         )
         lab = [t for t, ok in zip(labels, inside, strict=True) if ok]
         if not lab:
@@ -1136,6 +1180,8 @@ def crops_from_annotations(
         "class_map": None if cmap is None else dict(cmap),
         "stain_target": target.to_dict(),
         "path": "inference (tile windows at the bundle µm/px, slide Reinhard statistics, cut_crops)",
+        "representation": "rgb" if localizer is None else "rgb+mask",
+        **({} if localizer is None else {"localization": localizer_identity(localizer)}),
     }
     return CropSet.concat(parts, info=info)
 
@@ -1275,6 +1321,7 @@ def _run_device_stage(
     size: int,
     target: ReinhardStats | None,
     device: torch.device,
+    mask_channel: bool = False,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
     """Every cell the pipeline would classify on a slide: level-0 (x, y) and its crop."""
     from wsi_screen.pipeline import TileProcessor
@@ -1296,6 +1343,7 @@ def _run_device_stage(
             crop_size=size,
             device=device,
             keep_crops=True,
+            mask_channel=mask_channel,
         )
         batch: list[Any] = []
 
@@ -1320,13 +1368,10 @@ def _run_device_stage(
             if len(batch) >= max(1, settings.localization.batch_size):
                 flush()
         flush()
+    empty = np.zeros((0, size, size, 4 if mask_channel else 3), np.uint8)
     if not xs:
-        return np.zeros(0), np.zeros(0), np.zeros((0, size, size, 3), np.uint8)
-    return (
-        np.concatenate(xs),
-        np.concatenate(ys),
-        np.concatenate(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
-    )
+        return np.zeros(0), np.zeros(0), empty
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(crops) if crops else empty
 
 
 def synthetic_crops(
@@ -1343,6 +1388,7 @@ def synthetic_crops(
     specs: Sequence[SyntheticSlideSpec] | None = None,
     progress: bool = True,
     keep_slides: bool = False,
+    mask_channel: bool = False,
 ) -> CropSet:
     """Crops of synthetic slides cut by the inference path and labelled from the exact truth.
 
@@ -1351,6 +1397,7 @@ def synthetic_crops(
     labelled by :func:`match_detections`, and its crops cached as ``cache_dir/slide-<key>.npz``
     (reused on the next call; the slide file itself is deleted unless ``keep_slides``). Each crop's
     source is ``synth-<seed>#<object index>:<kind>`` (``#-1:none`` for a detection on no nucleus).
+    ``mask_channel`` adds the nucleus-mask channel (``rgb+mask`` bundles).
     """
     from wsi_screen.config import load_settings
     from wsi_screen.stain import DEFAULT_TARGET
@@ -1364,7 +1411,8 @@ def synthetic_crops(
     device = localizer.device if hasattr(localizer, "device") else _cpu()
     tag = hashlib.sha256(
         json.dumps(
-            [localizer_identity(localizer), mpp, size, target.to_dict(), s.to_dict()],
+            [localizer_identity(localizer), mpp, size, target.to_dict(), s.to_dict()]
+            + (["rgb+mask"] if mask_channel else []),
             sort_keys=True,
             default=str,
         ).encode()
@@ -1396,7 +1444,14 @@ def synthetic_crops(
 
             truth = load_truth(slide_path)
             x, y, crops = _run_device_stage(
-                slide_path, localizer=localizer, settings=s, mpp=mpp, size=size, target=target, device=device
+                slide_path,
+                localizer=localizer,
+                settings=s,
+                mpp=mpp,
+                size=size,
+                target=target,
+                device=device,
+                mask_channel=mask_channel,
             )
             labels_s, obj = match_detections(x, y, truth)
             kinds = np.array([truth.objects[o].kind if o >= 0 else "none" for o in obj.tolist()], dtype=str)
@@ -1437,6 +1492,7 @@ def synthetic_crops(
         "n_matched_to_truth": n_matched,
         "labels": "nearest ground-truth nucleus within one nucleus radius; unmatched detections are artifact",
         "path": "inference (TileProcessor, classifier=None, keep_crops=True)",
+        "representation": "rgb+mask" if mask_channel else "rgb",
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return CropSet.concat(parts, info=info)
@@ -1497,31 +1553,58 @@ def collect_crops(
     settings: Settings | None = None,
     device: str = "auto",
     progress: bool = True,
+    mask_channel: bool = False,
 ) -> CropSet:
     """Crops from any mix of crop folders / saved crop sets, QuPath annotations and synthetic slides.
 
     ``annotations`` needs ``slides_dir``; ``synthetic`` slides need the localization bundle named in
     ``settings.localization.model`` (``nuclei-unet-v1`` by default) and cache their crops in
-    ``cache_dir``.
+    ``cache_dir``. ``mask_channel`` adds the nucleus-mask channel (``rgb+mask``), made by that same
+    localization bundle; crop folders cannot have it (there are no slide windows to localize in), saved
+    crop sets only if they were made with it.
     """
     from wsi_screen.config import load_settings
 
     s = settings or load_settings()
     parts: list[CropSet] = []
+    want = 4 if mask_channel else 3
     for d in data:
-        parts.append(
-            load_crops(
-                d,
-                mpp=mpp,
-                class_map=class_map,
-                classes=classes,
-                target_mpp=target_mpp,
-                size=size,
-                stain_target=stain_target,
-                stain=stain,
-                progress=progress,
+        if mask_channel and not CropSet.is_cropset(d):
+            raise DataError(
+                f"{d}: a crop folder has no nucleus mask; --mask-channel needs --annotations with "
+                "--slides, --synthetic N, or a crop set saved with --mask-channel"
             )
+        part = load_crops(
+            d,
+            mpp=mpp,
+            class_map=class_map,
+            classes=classes,
+            target_mpp=target_mpp,
+            size=size,
+            stain_target=stain_target,
+            stain=stain,
+            progress=progress,
         )
+        if part.channels != want:
+            raise DataError(
+                f"{d}: the crop set is {part.representation} ({part.channels} channels); "
+                + ("drop --mask-channel" if part.channels == 4 else "--mask-channel needs rgb+mask crops")
+                + " or save the crops again"
+            )
+        parts.append(part)
+    loaded: list[Localizer] = []
+
+    def localizer() -> Localizer:
+        """The localization bundle of the settings, loaded once."""
+        if not loaded:
+            from wsi_screen.localize import Localizer
+            from wsi_screen.models.bundle import load_bundle
+            from wsi_screen.runtime import resolve_device
+
+            bundle = load_bundle(s.localization.model, task="localization")
+            loaded.append(Localizer(bundle, settings=s.localization, device=resolve_device(device)))
+        return loaded[0]
+
     if annotations:
         if slides_dir is None:
             raise DataError("--annotations needs --slides (the folder with the annotated slides)")
@@ -1537,23 +1620,16 @@ def collect_crops(
                 settings=s,
                 slide_mpp=slide_mpp,
                 progress=progress,
+                localizer=localizer() if mask_channel else None,
             )
         )
     if synthetic:
-        from wsi_screen.localize import Localizer
-        from wsi_screen.models.bundle import load_bundle
-        from wsi_screen.runtime import resolve_device
-
-        dev = resolve_device(device)
-        loc = Localizer(
-            load_bundle(s.localization.model, task="localization"), settings=s.localization, device=dev
-        )
         cache = Path(cache_dir) if cache_dir is not None else Path("wsi-screen-synthetic-crops")
         parts.append(
             synthetic_crops(
                 synthetic,
                 cache_dir=cache,
-                localizer=loc,
+                localizer=localizer(),
                 seed=synthetic_seed,
                 size_px=synthetic_size_px,
                 mpp=target_mpp,
@@ -1561,6 +1637,7 @@ def collect_crops(
                 stain_target=stain_target,
                 settings=s,
                 progress=progress,
+                mask_channel=mask_channel,
             )
         )
     if not parts:
