@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,7 +173,15 @@ def test_augmentation_moves_the_mask_with_the_cell_but_never_recolours_it() -> N
 # -- bundles ---------------------------------------------------------------------------------------------
 
 
-def _bundle(tmp_path: Path, *, rep: str, channels: int, mean_len: int, name: str = "m") -> Path:
+def _bundle(
+    tmp_path: Path,
+    *,
+    rep: str,
+    channels: int,
+    mean_len: int,
+    name: str = "m",
+    training: dict[str, Any] | None = None,
+) -> Path:
     model = create_model("mobilenetv3_small_050", num_classes=2, in_chans=channels)
     cfg = BundleConfig(
         name=name,
@@ -185,6 +195,7 @@ def _bundle(tmp_path: Path, *, rep: str, channels: int, mean_len: int, name: str
         std=[0.25] * mean_len,
         class_names=["NILM", "HSIL"],
         abnormal_classes=["HSIL"],
+        training=training or {},
     )
     save_bundle(model, cfg, tmp_path / name)
     return tmp_path / name
@@ -208,6 +219,27 @@ def test_classifier_checks_the_representation(tmp_path: Path) -> None:
     rgb = load_bundle(_bundle(tmp_path, rep="rgb", channels=3, mean_len=3, name="rgb"))
     with pytest.raises(BundleError, match="disagree on input_representation"):
         CellClassifier([good, rgb], device=dev)
+
+
+def test_screening_warns_when_the_mask_comes_from_another_localizer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wsi_screen.config import load_settings
+    from wsi_screen.pipeline import load_models
+
+    data = {"source": "mixed", "parts": [{"localization": {"name": "other-unet", "sha256": "0"}}]}
+    path = _bundle(tmp_path, rep="rgb+mask", channels=4, mean_len=4, name="m", training={"data": data})
+    settings = load_settings().with_overrides({"classification.models": [str(path)]})
+    with caplog.at_level(logging.WARNING, logger="wsi_screen.pipeline"):
+        models = load_models(settings, device=torch.device("cpu"))
+    assert models.classifier.needs_mask
+    assert any("trained on nucleus masks of other-unet" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    same = {"localization": {"name": models.localizer.bundle.name}}
+    path = _bundle(tmp_path, rep="rgb+mask", channels=4, mean_len=4, name="n", training={"data": same})
+    with caplog.at_level(logging.WARNING, logger="wsi_screen.pipeline"):
+        load_models(settings.with_overrides({"classification.models": [str(path)]}), device=models.device)
+    assert not [r for r in caplog.records if "nucleus masks" in r.getMessage()]
 
 
 def test_tile_processor_refuses_a_contradictory_mask_flag(tmp_path: Path) -> None:

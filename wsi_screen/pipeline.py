@@ -121,6 +121,17 @@ def load_models(settings: Settings, *, device: torch.device | None = None) -> Mo
     cls_bundles = [load_bundle(m, task="classification") for m in settings.classification.models]
     localizer = Localizer(loc_bundle, settings=settings.localization, device=dev)
     classifier = CellClassifier(cls_bundles, device=dev, batch_size=settings.classification.batch_size)
+    if classifier.needs_mask:
+        for b in cls_bundles:
+            trained_with = _mask_localizers(b.config.training.get("data", {}))
+            if trained_with and loc_bundle.name not in trained_with:
+                logger.warning(
+                    "%s was trained on nucleus masks of %s, but this run localizes with %s: its mask "
+                    "channel may differ from what it learned",
+                    b.name,
+                    " / ".join(sorted(trained_with)),
+                    loc_bundle.name,
+                )
     logger.info(
         "models on %s: localization %s, classification %s",
         dev,
@@ -128,6 +139,19 @@ def load_models(settings: Settings, *, device: torch.device | None = None) -> Mo
         " + ".join(classifier.names),
     )
     return Models(localizer=localizer, classifier=classifier, device=dev)
+
+
+def _mask_localizers(data: Any) -> set[str]:
+    """Names of the localization bundles that made a training set's crops (``training.data``)."""
+    if not isinstance(data, Mapping):
+        return set()
+    found = set()
+    loc = data.get("localization")
+    if isinstance(loc, Mapping) and isinstance(loc.get("name"), str):
+        found.add(str(loc["name"]))
+    for part in data.get("parts", []) or []:
+        found |= _mask_localizers(part)
+    return found
 
 
 # -- stain statistics ---------------------------------------------------------------------------------
