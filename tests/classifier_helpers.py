@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,24 @@ from scipy import ndimage as ndi
 
 from wsi_screen.cells import MORPHOMETRICS
 from wsi_screen.localize import TileCandidates
+from wsi_screen.synth import CellSpec, synthesize_slide
+
+#: Seven cells of several kinds, well apart, on a 1800² px synthetic slide (``write_small_slide``).
+SMALL_SLIDE_CELLS = (
+    CellSpec(300.0, 300.0, "hsil", seed=1),
+    CellSpec(700.0, 300.0, "intermediate", seed=2),
+    CellSpec(300.0, 700.0, "koilocyte", seed=3),
+    CellSpec(700.0, 700.0, "ascus", seed=4),
+    CellSpec(1200.0, 1200.0, "neutrophil", seed=5),
+    CellSpec(1400.0, 500.0, "hsil", seed=6),
+    CellSpec(500.0, 1400.0, "superficial", seed=7),
+)
+
+
+def write_small_slide(path: Path) -> Path:
+    """Draw the 1800² px slide of :data:`SMALL_SLIDE_CELLS` (with its truth) at ``path``."""
+    synthesize_slide(path, size=(1800, 1800), cells=SMALL_SLIDE_CELLS, seed=2, workers=1)
+    return path
 
 
 class ThresholdLocalizer:

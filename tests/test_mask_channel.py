@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from classifier_helpers import ThresholdLocalizer
+from classifier_helpers import ThresholdLocalizer, write_small_slide
 
 from wsi_screen.classify import CellClassifier, cut_crops, nucleus_mask
 from wsi_screen.cli.main import main
@@ -18,26 +18,14 @@ from wsi_screen.errors import BundleError, ConfigError
 from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
 from wsi_screen.models.registry import create_model
 from wsi_screen.stain import DEFAULT_TARGET
-from wsi_screen.synth import CellSpec, synthesize_slide
 from wsi_screen.train.augment import AugmentConfig, augment_batch
 from wsi_screen.train.data import CropSet, DataError, collect_crops, crops_from_annotations
-
-_CELLS = (
-    CellSpec(300.0, 300.0, "hsil", seed=1),
-    CellSpec(700.0, 300.0, "intermediate", seed=2),
-    CellSpec(300.0, 700.0, "koilocyte", seed=3),
-    CellSpec(700.0, 700.0, "ascus", seed=4),
-    CellSpec(1200.0, 1200.0, "neutrophil", seed=5),
-    CellSpec(1400.0, 500.0, "hsil", seed=6),
-    CellSpec(500.0, 1400.0, "superficial", seed=7),
-)
 
 
 @pytest.fixture(scope="module")
 def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("mask-slides") / "case1.tiff"
-    synthesize_slide(path, size=(1800, 1800), cells=_CELLS, seed=2, workers=1)
-    return path
+    return write_small_slide(path)
 
 
 # -- rasterizing outlines -------------------------------------------------------------------------------

@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from classifier_helpers import ThresholdLocalizer
+from classifier_helpers import SMALL_SLIDE_CELLS, ThresholdLocalizer, write_small_slide
 from PIL import Image
 
 from wsi_screen.classify import CellClassifier
 from wsi_screen.cli.main import main
 from wsi_screen.models.bundle import load_bundle
 from wsi_screen.stain import DEFAULT_TARGET
-from wsi_screen.synth import CellSpec, layout_truth, make_layout, synthesize_slide
+from wsi_screen.synth import CellSpec, layout_truth, make_layout
 from wsi_screen.train.data import (
     DEFAULT_GLASS_RGB,
     CropSet,
@@ -294,22 +294,11 @@ def test_find_slide_for(tmp_path: Path) -> None:
 
 # -- synthetic slides through the inference path ----------------------------------------------------------
 
-_CELLS = (
-    CellSpec(300.0, 300.0, "hsil", seed=1),
-    CellSpec(700.0, 300.0, "intermediate", seed=2),
-    CellSpec(300.0, 700.0, "koilocyte", seed=3),
-    CellSpec(700.0, 700.0, "ascus", seed=4),
-    CellSpec(1200.0, 1200.0, "neutrophil", seed=5),
-    CellSpec(1400.0, 500.0, "hsil", seed=6),
-    CellSpec(500.0, 1400.0, "superficial", seed=7),
-)
-
 
 @pytest.fixture(scope="module")
 def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("slides") / "case1.tiff"
-    synthesize_slide(path, size=(1800, 1800), cells=_CELLS, seed=2, workers=1)
-    return path
+    return write_small_slide(path)
 
 
 def test_match_detections_uses_one_nucleus_radius() -> None:
@@ -571,7 +560,7 @@ def test_evaluate_cli_writes_metrics_and_handles_absent_classes(
 def test_truth_as_qupath_export_round_trips(tmp_path: Path) -> None:
     from wsi_screen.train.data import truth_to_qupath
 
-    truth = layout_truth(make_layout((1800, 1800), list(_CELLS)), "case1.tiff")
+    truth = layout_truth(make_layout((1800, 1800), list(SMALL_SLIDE_CELLS)), "case1.tiff")
     fc = truth_to_qupath(truth, geometry="mixed")
     kinds = {f["geometry"]["type"] for f in fc["features"]}
     assert kinds == {"Polygon", "MultiPoint"}  # abnormal cells outlined, the others as point sets
