@@ -850,7 +850,7 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     hw, v = r["hardware"], r["hardware"]["versions"]
-    raw, st, e2e, peer = r["raw_decode"], r["stages"], r["end_to_end"], r["peer"]
+    raw = r["raw_decode"]
     gpu = f" ({hw['gpu']['name']})" if hw.get("gpu") else ", no GPU"
     models = f"{r['models']['localizer']} + {r['models']['classifier']}"
     if r["models"]["stand_in"]:
@@ -893,6 +893,9 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{_fmt(x['window_mp_per_s'])} window MP/s, {_fmt(x['tiles_per_s'])} tiles/s, "
                 f"{_fmt(x['decodes'])} tile decodes",
             )
+    if r.get("reader_only"):
+        return "\n".join(lines) + "\n"
+    st, e2e, peer = r["stages"], r["end_to_end"], r["peer"]
     loc, crop, cls = st["localize"], st["crop"], st["classify"]
     row(
         f"normalize (Reinhard, {st['device']})",
@@ -1004,6 +1007,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", action="store_true", help="also time layout/bf16/torch.compile variants")
     p.add_argument("--no-report", action="store_true", help="skip report.html in the end-to-end run")
     p.add_argument("--backends", default="direct,openslide,tiffslide", help="reader variants to time")
+    p.add_argument(
+        "--reader-only", action="store_true", help="only the raw decode and the readers (steps 1-3)"
+    )
     p.add_argument("--no-peer", action="store_true", help="skip WSInfer")
     p.add_argument("--wsinfer-python", default=str(DEFAULT_WSINFER_PYTHON), help="python of the WSInfer venv")
     p.add_argument(
@@ -1029,7 +1035,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from wsi_screen.pipeline import load_models
-    from wsi_screen.runtime import configure_torch, cpu_count, resolve_device
+    from wsi_screen.runtime import configure_torch, cpu_count, limit_heap_growth, resolve_device
     from wsi_screen.slide import open_slide
     from wsi_screen.tiling import make_grid
     from wsi_screen.tissue import slide_cell_regions
@@ -1042,6 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     workers = args.workers or cpu_count()
+    heap_tuning = limit_heap_growth()  # as run_slide and batch runs (load_models), before any timing
     configure_torch(threads=0)
     device = resolve_device(args.device)
     t_start = time.perf_counter()
@@ -1089,6 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "queue_tiles": settings.reading.queue_tiles,
         "localize_batch": settings.localization.batch_size,
         "classify_batch": settings.classification.batch_size,
+        "heap_tuning": heap_tuning,
     }
 
     print(f"[benchmark] raw decode of the tissue tiles ({len(tiles)} windows)", flush=True)
@@ -1115,6 +1123,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     report["readers"] = readers
     report["reader"] = readers.get("direct") or next(iter(readers.values()))
+    if args.reader_only:
+        report["reader_only"] = True
+        report["benchmark_s"] = round(time.perf_counter() - t_start, 1)
+        (out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (out / "benchmark.md").write_text(markdown(report))
+        print((out / "benchmark.md").read_text())
+        return report
 
     print("[benchmark] stages in isolation", flush=True)
     report["stages"] = bench_stages(

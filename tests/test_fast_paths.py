@@ -257,3 +257,32 @@ def test_bands_keep_row_major_order_unless_the_slide_is_wider_than_the_cache() -
     assert sorted(t.index for t in ordered) == list(range(wide.n_tiles))
     assert [t.col for t in ordered[: band + 1]] == [*range(band), 0]  # next row of the first band
     assert band_columns(wide, 0) == wide.cols
+
+
+def test_read_region_fills_a_given_array(jpeg_slide: Path) -> None:
+    with Slide(jpeg_slide) as slide:
+        for loc, size, mpp in [((10, 20), (300, 200), slide.mpp), ((-50, 1800), (300, 200), slide.mpp)] + [
+            (loc, size, mpp) for loc, size, mpp in _regions(slide, 10, seed=4)
+        ]:
+            out = np.zeros((size[1], size[0], 3), np.uint8)
+            got = slide.read_region(loc, size, mpp=mpp, out=out)
+            assert got is out
+            np.testing.assert_array_equal(out, slide.read_region(loc, size, mpp=mpp))
+        with pytest.raises(ValueError, match="out must be"):
+            slide.read_region((0, 0), (30, 20), mpp=slide.mpp, out=np.zeros((30, 20, 3), np.uint8))
+
+
+def test_recycled_windows_are_never_overwritten_while_held(jpeg_slide: Path) -> None:
+    """Windows kept by the consumer stay intact while later ones reuse dropped windows' memory (with a
+    tile cache of a few tiles, so tiles are also evicted while other threads copy them)."""
+    with Slide(jpeg_slide, cache_bytes=12 * 256 * 256 * 3) as slide, Slide(jpeg_slide, direct=False) as ref:
+        grid = make_grid(slide.dimensions, slide_mpp=slide.mpp, mpp=slide.mpp, tile_size=256, halo_um=16.0)
+        tiles = list(grid.tiles())
+        kept = {}
+        for n, r in enumerate(iter_windows(slide, tiles, mpp=slide.mpp, workers=3, prefetch=3, pool=6)):
+            if n % 3 == 0:
+                kept[r.tile.index] = (r.tile, r.window)  # held to the end; the others are dropped
+        assert len(kept) > 6  # more than the pool holds: some kept windows are plain arrays
+        for tile, window in kept.values():
+            expected = ref.read_region((tile.read_x, tile.read_y), (tile.read_size,) * 2, mpp=slide.mpp)
+            np.testing.assert_array_equal(window, expected)

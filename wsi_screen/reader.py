@@ -6,7 +6,9 @@ the direct TIFF path the handles share one decoded-tile cache, so the tiles unde
 halos of neighbouring windows are decoded once (see :class:`wsi_screen.slide.Slide`). At most
 ``prefetch`` windows are in flight or waiting, which bounds memory whatever the slide size. Windows
 come out in the order of the tiles given (grid order, or the bands of :func:`cache_order`), so
-results are deterministic however the threads are scheduled.
+results are deterministic however the threads are scheduled. Window memory is recycled once the
+consumer has dropped a window (:class:`wsi_screen.buffers.BufferPool`), so a steady stream of windows
+does not fault in fresh pages for each.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_screen.buffers import BufferPool
 from wsi_screen.errors import CorruptTileError
 from wsi_screen.slide import Slide
 from wsi_screen.tiling import Tile, TileGrid
@@ -88,14 +91,18 @@ def iter_windows(
     workers: int,
     prefetch: int,
     stats: ReaderStats | None = None,
+    pool: int | None = None,
 ) -> Iterator[WindowRead]:
     """Read each tile's window (core + halo at ``mpp``) with ``workers`` threads, in order.
 
     A tile whose data cannot be decoded yields ``window=None`` and the error text; other errors
-    propagate.
+    propagate. ``pool``: at most this many window buffers are recycled, each once the consumer has
+    dropped its window (:class:`~wsi_screen.buffers.BufferPool`; default ``2 × prefetch + 64``: the
+    windows in flight plus a consumer's batches; 0: none). Only as many are kept as were alive at once.
     """
     workers = max(1, int(workers))
     prefetch = max(workers, int(prefetch))
+    buffers = BufferPool(2 * prefetch + 64 if pool is None else pool)
     stats = stats if stats is not None else ReaderStats()
     stats.workers = workers
     local = threading.local()
@@ -114,8 +121,9 @@ def iter_windows(
     def read(tile: Tile) -> WindowRead:
         t0 = time.perf_counter()
         try:
+            out = buffers.take((tile.read_size, tile.read_size, 3))
             window = handle().read_region(
-                (tile.read_x, tile.read_y), (tile.read_size, tile.read_size), mpp=mpp
+                (tile.read_x, tile.read_y), (tile.read_size, tile.read_size), mpp=mpp, out=out
             )
             error = None
         except CorruptTileError as exc:
@@ -129,9 +137,9 @@ def iter_windows(
     pending: deque[Future[WindowRead]] = deque()
     it = iter(tiles)
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-reader") as pool:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-reader") as executor:
             for tile in it:
-                pending.append(pool.submit(read, tile))
+                pending.append(executor.submit(read, tile))
                 if len(pending) >= prefetch:
                     break
             while pending:
@@ -140,7 +148,7 @@ def iter_windows(
                 stats.consumer_wait_s += time.perf_counter() - t0
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(pool.submit(read, nxt))
+                    pending.append(executor.submit(read, nxt))
                 yield result
     finally:
         for f in pending:

@@ -250,7 +250,8 @@ class _TileCache:
     """Thread-safe LRU cache of decoded tiles, bounded in bytes, shared by every handle of a slide.
 
     A tile that one thread is decoding is awaited by the others rather than decoded twice, so
-    neighbouring read windows (which overlap by their halos) cost one decode per tile.
+    neighbouring read windows (which overlap by their halos) cost one decode per tile. A tile is
+    claimed only when its decode starts, so a thread waits only for decodes already under way.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
@@ -262,31 +263,41 @@ class _TileCache:
         self.hits = 0
         self.misses = 0
 
-    def claim(
+    def lookup(
         self, keys: Sequence[tuple[int, int]]
-    ) -> tuple[list[tuple[int, NDArray[np.uint8]]], list[int], list[int]]:
-        """One locked pass over ``keys``: (position, tile) of the cached ones, the positions this
-        caller must load and then :meth:`fulfil` (now marked pending), and those another thread loads."""
+    ) -> tuple[list[tuple[int, NDArray[np.uint8]]], list[int]]:
+        """One locked pass over ``keys``: (position, tile) of the cached ones, positions of the rest."""
         found: list[tuple[int, NDArray[np.uint8]]] = []
-        owned: list[int] = []
-        waiting: list[int] = []
+        missing: list[int] = []
         with self._lock:
             for i, key in enumerate(keys):
                 arr = self._items.get(key)
-                if arr is not None:
+                if arr is None:
+                    missing.append(i)
+                else:
                     self._items.move_to_end(key)
                     self.hits += 1
                     found.append((i, arr))
-                elif key in self._pending:
-                    waiting.append(i)
-                else:
-                    self._pending[key] = threading.Event()
-                    self.misses += 1
-                    owned.append(i)
-        return found, owned, waiting
+        return found, missing
+
+    def acquire(self, key: tuple[int, int]) -> NDArray[np.uint8] | threading.Event | None:
+        """The cached tile, the event of another thread's decode of it, or None: the caller now
+        owns it and must load it and then :meth:`fulfil` it."""
+        with self._lock:
+            arr = self._items.get(key)
+            if arr is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return arr
+            event = self._pending.get(key)
+            if event is not None:
+                return event
+            self._pending[key] = threading.Event()
+            self.misses += 1
+            return None
 
     def fulfil(self, key: tuple[int, int], arr: NDArray[np.uint8] | None) -> None:
-        """Store a claimed tile (None: its load failed) and wake the threads waiting for it."""
+        """Store an acquired tile (None: its load failed) and wake the threads waiting for it."""
         with self._lock:
             event = self._pending.pop(key)
             if arr is not None and arr.nbytes <= self.capacity:
@@ -300,19 +311,12 @@ class _TileCache:
     def get(self, key: tuple[int, int], load: Callable[[], NDArray[np.uint8]]) -> NDArray[np.uint8]:
         """The cached tile, else ``load()`` it (or wait while another thread loads it)."""
         while True:
-            with self._lock:
-                arr = self._items.get(key)
-                if arr is not None:
-                    self._items.move_to_end(key)
-                    self.hits += 1
-                    return arr
-                event = self._pending.get(key)
-                if event is None:
-                    self._pending[key] = threading.Event()
-                    self.misses += 1
-            if event is not None:
-                event.wait()
+            got = self.acquire(key)
+            if isinstance(got, threading.Event):
+                got.wait()
                 continue  # cached now, or its loader failed (then this thread tries, and raises)
+            if got is not None:
+                return got
             arr = None
             try:
                 arr = load()
@@ -413,22 +417,26 @@ class _DirectTiff:
         cols = range(x0 // tw, (x0 + w - 1) // tw + 1)
         places = [(r * lv.tiles_across + c, c * tw, r * th) for r in rows for c in cols]
         keys = [(level, idx) for idx, _, _ in places]
-        # One locked pass: copy what is cached, decode what nobody is decoding, and only then wait
-        # for (or copy) the tiles other threads are decoding.
-        found, owned, waiting = self.cache.claim(keys)
+        # Copy what is cached, decode (claiming each tile as its decode starts) what nobody is
+        # decoding, and only then wait for the tiles other threads are decoding. Last tiles first:
+        # in row-major order a window's first tiles are the last ones of its left neighbour, which
+        # another thread is likely reading at the same time and (going last-first too) decodes first.
+        found, missing = self.cache.lookup(keys)
         for i, tile in found:
             _paste(out, x0, y0, tile, places[i][1], places[i][2])
-        for n, i in enumerate(owned):
-            arr = None
-            try:
-                arr = self._decode(lv, places[i][0])
-            finally:
-                self.cache.fulfil(keys[i], arr)
-                if arr is None:  # release the other claimed tiles too, so no thread waits for them
-                    for j in owned[n + 1 :]:
-                        self.cache.fulfil(keys[j], None)
-            _paste(out, x0, y0, arr, places[i][1], places[i][2])
-        for i in waiting:
+        busy: list[int] = []
+        for i in reversed(missing):
+            got = self.cache.acquire(keys[i])
+            if isinstance(got, threading.Event):
+                busy.append(i)
+                continue
+            if got is None:
+                try:
+                    got = self._decode(lv, places[i][0])
+                finally:
+                    self.cache.fulfil(keys[i], got)
+            _paste(out, x0, y0, got, places[i][1], places[i][2])
+        for i in busy:
             tile = self.cache.get(keys[i], partial(self._decode, lv, places[i][0]))
             _paste(out, x0, y0, tile, places[i][1], places[i][2])
 
@@ -716,13 +724,24 @@ class Slide:
                 best = i
         return best
 
-    def read_level(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> NDArray[np.uint8]:
-        """Raw pixels of ``level`` (H×W×3 uint8); ``location`` in level-0 px; outside = white glass."""
+    def read_level(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        *,
+        out: NDArray[np.uint8] | None = None,
+    ) -> NDArray[np.uint8]:
+        """Raw pixels of ``level`` (H×W×3 uint8); ``location`` in level-0 px; outside = white glass.
+
+        ``out``: an H×W×3 uint8 array to fill and return instead of a new one.
+        """
         if not 0 <= level < self.info.level_count:
             raise ValueError(f"level {level} out of range 0..{self.info.level_count - 1}")
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {w}×{h}")
+        _check_out(out, w, h)
         ds = self.info.level_downsamples[level]
         lw, lh = self.info.level_dimensions[level]
         # Clip to the level so both backends agree outside the image (white, like empty glass).
@@ -730,7 +749,10 @@ class Slide:
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
         inside = cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h
-        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), _WHITE, dtype=np.uint8)
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), _WHITE, dtype=np.uint8)
+        elif not inside:
+            out.fill(_WHITE)
         if cx1 <= cx0 or cy1 <= cy0:
             return out
         direct = self._direct
@@ -791,6 +813,7 @@ class Slide:
         *,
         mpp: float,
         level: int | None = None,
+        out: NDArray[np.uint8] | None = None,
     ) -> NDArray[np.uint8]:
         """Pixels of a region at ``mpp`` µm/px.
 
@@ -799,6 +822,7 @@ class Slide:
             size: (width, height) of the output in pixels at ``mpp``.
             mpp: wanted resolution in µm/px.
             level: force a pyramid level (default: :meth:`best_level`).
+            out: an H×W×3 uint8 array to fill and return instead of a new one.
 
         Returns:
             H×W×3 uint8 RGB; parts outside the slide are white.
@@ -811,7 +835,8 @@ class Slide:
         scale = mpp / self.mpp / ds  # level pixels per output pixel
         fx, fy = location[0] / ds, location[1] / ds
         if abs(scale - 1.0) < 1e-6 and float(fx).is_integer() and float(fy).is_integer():
-            return self.read_level((int(location[0]), int(location[1])), lvl, (w, h))
+            return self.read_level((int(location[0]), int(location[1])), lvl, (w, h), out=out)
+        _check_out(out, w, h)
         # Source window in level pixels, with a margin for the resampling kernel.
         margin = math.ceil(2 * max(scale, 1.0)) + 1
         sx0, sy0 = math.floor(fx) - margin, math.floor(fy) - margin
@@ -820,7 +845,10 @@ class Slide:
         src = self.read_level((round(sx0 * ds), round(sy0 * ds)), lvl, (sx1 - sx0, sy1 - sy0))
         box = (fx - sx0, fy - sy0, fx - sx0 + w * scale, fy - sy0 + h * scale)
         img = Image.fromarray(src).resize((w, h), resample=Image.Resampling.BILINEAR, box=box)
-        return np.asarray(img, dtype=np.uint8)
+        if out is None:
+            return np.asarray(img, dtype=np.uint8)
+        out[...] = np.asarray(img, dtype=np.uint8)
+        return out
 
     def thumbnail(self, *, mpp: float, block: int = 1024) -> NDArray[np.uint8]:
         """The whole slide at ``mpp`` µm/px, read in blocks so memory stays bounded."""
@@ -840,6 +868,11 @@ class Slide:
             zip(self.info.level_dimensions, self.info.level_downsamples, strict=True)
         ):
             yield i, dims, ds, ds * self.mpp
+
+
+def _check_out(out: NDArray[np.uint8] | None, w: int, h: int) -> None:
+    if out is not None and (out.shape != (h, w, 3) or out.dtype != np.uint8):
+        raise ValueError(f"out must be a {h}×{w}×3 uint8 array, got {out.shape} {out.dtype}")
 
 
 def _to_rgb(arr: NDArray[Any]) -> NDArray[np.uint8]:
