@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         class_names=data.class_names,
         mpp=data.mpp,
         sources=data.sources,
-        info={**data.info, "representation": "rgb"},
+        info=dict(data.info),
     )
     mask_share = float((data.crops[..., 3] > 0).mean())
     centre_on_mask = float((data.crops[:, 112, 112, 3] > 0).mean())

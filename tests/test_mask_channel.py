@@ -88,7 +88,7 @@ def test_mask_crops_from_annotations_equal_the_pipeline_crops(tmp_path: Path, sm
         localizer=loc,  # type: ignore[arg-type]
         progress=False,
     )
-    assert cs.representation == "rgb+mask" and cs.info["representation"] == "rgb+mask"
+    assert cs.representation == "rgb+mask" and cs.describe()["representation"] == "rgb+mask"
     assert cs.crops.shape == crops.shape
     same = [np.array_equal(a, b) for a, b in zip(cs.crops, crops, strict=True)]
     assert all(same), f"{same.count(False)} of {len(same)} crops differ"

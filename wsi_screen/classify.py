@@ -29,7 +29,14 @@ if TYPE_CHECKING:
 
     from wsi_screen.models.bundle import ModelBundle
 
-__all__ = ["MASK_REPRESENTATION", "REPRESENTATIONS", "CellClassifier", "cut_crops", "nucleus_mask"]
+__all__ = [
+    "MASK_REPRESENTATION",
+    "REPRESENTATIONS",
+    "CellClassifier",
+    "cut_crops",
+    "cut_mask_crops",
+    "nucleus_mask",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,29 @@ def cut_crops(
         xs = xs + half
     ti = tile_index.to(dev).long()
     return src[ti[:, None, None], ys[:, :, None], xs[:, None, :]]
+
+
+def cut_mask_crops(
+    outlines: Sequence[Sequence[NDArray[np.floating[Any]]]],
+    window_shape: tuple[int, int],
+    tile_index: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    size: int,
+    *,
+    device: torch.device,
+) -> torch.Tensor:
+    """The nucleus-mask channel of crops: (N, size, size, 1) uint8 on ``device``.
+
+    ``outlines[b]`` are the nucleus outlines the localizer found in window ``b`` (window px); each
+    window's :func:`nucleus_mask` is cut like :func:`cut_crops` cuts the RGB crops (0 off the window).
+    """
+    import torch
+
+    masks = np.zeros((len(outlines), *window_shape), np.uint8)
+    for b, window_outlines in enumerate(outlines):
+        masks[b] = nucleus_mask(window_outlines, window_shape)
+    return cut_crops(torch.from_numpy(masks)[..., None].to(device), tile_index, cx, cy, size, pad_value=0)
 
 
 class CellClassifier:

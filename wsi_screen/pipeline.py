@@ -318,7 +318,7 @@ class TileProcessor:
     def __call__(self, tiles: Sequence[Tile], windows: Sequence[NDArray[np.uint8]]) -> BatchResult:
         import torch
 
-        from wsi_screen.classify import cut_crops, nucleus_mask
+        from wsi_screen.classify import cut_crops, cut_mask_crops
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -355,11 +355,10 @@ class TileProcessor:
         crops = cut_crops(norm, ti, cx_t, cy_t, self.crop_size)
         if self.mask_channel:
             hw = (int(norm.shape[1]), int(norm.shape[2]))
-            mask_np = np.zeros((len(cands), *hw), np.uint8)
-            for b, c in enumerate(cands):
-                mask_np[b] = nucleus_mask(c.outlines, hw)
-            masks = torch.from_numpy(mask_np)[..., None].to(norm.device)
-            crops = torch.cat([crops, cut_crops(masks, ti, cx_t, cy_t, self.crop_size, pad_value=0)], dim=3)
+            mask = cut_mask_crops(
+                [c.outlines for c in cands], hw, ti, cx_t, cy_t, self.crop_size, device=norm.device
+            )
+            crops = torch.cat([crops, mask], dim=3)
         t3 = time.perf_counter()
         timings["crop"] = t3 - t2
         if self.classifier is not None:

@@ -66,6 +66,7 @@ def evaluate(ctx: click.Context, /, **kw: Any) -> None:
     """
     obj = configure_from_context(ctx)
     progress = not bool(obj.get("quiet"))
+    from wsi_screen.classify import MASK_REPRESENTATION
     from wsi_screen.metrics import format_metrics_table, write_metrics_report
     from wsi_screen.models.bundle import load_bundle
     from wsi_screen.stain import ReinhardStats
@@ -86,7 +87,7 @@ def evaluate(ctx: click.Context, /, **kw: Any) -> None:
         device=kw["device"],
         progress=progress,
         stain_target=target,
-        mask_channel=first.input_representation == "rgb+mask",
+        mask_channel=first.input_representation == MASK_REPRESENTATION,
     )
     metrics = evaluate_bundles(
         list(kw["models"]), data, classes=kw["class_mode"], device=kw["device"], batch_size=kw["batch_size"]

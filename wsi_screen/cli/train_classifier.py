@@ -388,10 +388,11 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
         if not isinstance(arch_kwargs, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--arch-kwargs")
     if kw["init"] and not kw["mask_channel"]:
+        from wsi_screen.classify import MASK_REPRESENTATION
         from wsi_screen.models.bundle import load_bundle
 
         init_cfg = load_bundle(kw["init"], task="classification").config
-        if init_cfg.input_representation != "rgb":
+        if init_cfg.input_representation == MASK_REPRESENTATION:
             raise click.UsageError(
                 f"--init {init_cfg.name} takes {init_cfg.input_representation} crops: add --mask-channel"
             )

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_screen.classify import MASK_REPRESENTATION, REPRESENTATIONS
 from wsi_screen.errors import WsiScreenError
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ class CropSet:
     @property
     def representation(self) -> str:
         """The classifier input representation of the crops (``rgb`` or ``rgb+mask``)."""
-        return "rgb+mask" if self.channels == 4 else "rgb"
+        return next(name for name, c in REPRESENTATIONS.items() if c == self.channels)
 
     def class_counts(self) -> dict[str, int]:
         """Crops per class (every class listed)."""
@@ -1041,7 +1042,7 @@ def crops_from_slide(
     """
     import torch
 
-    from wsi_screen.classify import cut_crops, nucleus_mask
+    from wsi_screen.classify import cut_crops, cut_mask_crops
     from wsi_screen.config import load_settings
     from wsi_screen.reader import iter_windows
     from wsi_screen.runtime import cpu_count
@@ -1079,9 +1080,9 @@ def crops_from_slide(
                 (cands,) = localizer.localize(
                     win.to(localizer.device), window_mpp=grid.mpp, halo_px=grid.halo
                 )
-                mask = torch.from_numpy(nucleus_mask(cands.outlines, (int(win.shape[1]), int(win.shape[2]))))
+                hw = (int(win.shape[1]), int(win.shape[2]))
                 crops = torch.cat(
-                    [crops, cut_crops(mask[None, :, :, None], ti, cx, cy, size, pad_value=0)], 3
+                    [crops, cut_mask_crops([cands.outlines], hw, ti, cx, cy, size, device=win.device)], 3
                 )
             out[pos[sel]] = crops.cpu().numpy()
     return out, inside
@@ -1180,7 +1181,6 @@ def crops_from_annotations(
         "class_map": None if cmap is None else dict(cmap),
         "stain_target": target.to_dict(),
         "path": "inference (tile windows at the bundle µm/px, slide Reinhard statistics, cut_crops)",
-        "representation": "rgb" if localizer is None else "rgb+mask",
         **({} if localizer is None else {"localization": localizer_identity(localizer)}),
     }
     return CropSet.concat(parts, info=info)
@@ -1412,7 +1412,7 @@ def synthetic_crops(
     tag = hashlib.sha256(
         json.dumps(
             [localizer_identity(localizer), mpp, size, target.to_dict(), s.to_dict()]
-            + (["rgb+mask"] if mask_channel else []),
+            + ([MASK_REPRESENTATION] if mask_channel else []),
             sort_keys=True,
             default=str,
         ).encode()
@@ -1492,7 +1492,6 @@ def synthetic_crops(
         "n_matched_to_truth": n_matched,
         "labels": "nearest ground-truth nucleus within one nucleus radius; unmatched detections are artifact",
         "path": "inference (TileProcessor, classifier=None, keep_crops=True)",
-        "representation": "rgb+mask" if mask_channel else "rgb",
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return CropSet.concat(parts, info=info)
