@@ -13,11 +13,14 @@ In one run on one machine it
    tiles) and builds the pipeline's tile grid over its cell regions;
 2. **raw decode** (the physical limit): the compressed bytes of every TIFF tile that a kept read window
    touches, decoded with ``imagecodecs.jpeg8_decode`` (libjpeg-turbo) in a pool of all cores;
-3. **reader**: ``iter_windows`` over the kept tiles with all cores, for the direct TIFF path and both
-   backends without it; MP/s counts the same slide pixels as the raw decode (so the ratio is the
-   share of the physical limit reached), window MP/s counts what the reader delivers (halos included);
-4. **stages** in isolation on the same windows: normalize, localize (U-Net forward and candidate
-   extraction), crop (ownership, outlines and cutting), classify, write (Zarr appends);
+3. **reader**: ``iter_windows`` over the kept tiles with all cores: the direct TIFF path as the
+   pipeline reads (``direct``: decoded tiles, pasted into the batch by the device stage), the same
+   with the threads assembling whole windows (``direct-windows``), and both backends without the
+   direct path; MP/s counts the same slide pixels as the raw decode (so the ratio is the share of
+   the physical limit reached), window MP/s counts what the reader delivers (halos included);
+4. **stages** in isolation on the same windows: assemble (the batch from the decoded tiles),
+   normalize, localize (U-Net forward and candidate extraction), crop (ownership, outlines and
+   cutting), classify, write (Zarr appends);
 5. **end to end**: :func:`wsi_screen.pipeline.run_slide`, with the per-stage busy/idle figures of its
    ``run.json``;
 6. **peer**: WSInfer 0.6 patch classification with the same classifier backbone (a local TorchScript
@@ -62,7 +65,7 @@ DEFAULT_WSINFER_PYTHON = Path("/tmp/wsinfer-venv/bin/python")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "raw_decode": ("tiles", "megapixels", "workers", "seconds", "mp_per_s"),
     "reader": ("mp_per_s", "window_mp_per_s", "tiles_per_s", "seconds", "decodes", "ratio_to_raw"),
-    "stages": ("read", "normalize", "localize", "crop", "classify", "write"),
+    "stages": ("read", "assemble", "normalize", "localize", "crop", "classify", "write"),
     "end_to_end": (
         "seconds",
         "tiles_seconds",
@@ -273,11 +276,16 @@ def bench_reader(
     prefetch: int,
     backend: str,
     direct: bool,
+    assemble: bool,
     repeats: int,
     slide_mp: float,
     raw_mp_per_s: float,
 ) -> dict[str, Any]:
-    """``iter_windows`` over ``tiles`` with a fresh slide (cold tile cache) per repeat."""
+    """``iter_windows`` over ``tiles`` with a fresh slide (cold tile cache) per repeat.
+
+    ``assemble``: the reader threads paste whole windows (else they deliver the decoded tiles under
+    each window, as the pipeline reads, and the consumer here drops them).
+    """
     from wsi_screen.reader import ReaderStats, iter_windows
     from wsi_screen.slide import Slide
 
@@ -287,8 +295,10 @@ def bench_reader(
             stats = ReaderStats()
             t0 = time.perf_counter()
             n = 0
-            for read in iter_windows(slide, tiles, mpp=mpp, workers=workers, prefetch=prefetch, stats=stats):
-                n += read.window is not None
+            for read in iter_windows(
+                slide, tiles, mpp=mpp, workers=workers, prefetch=prefetch, stats=stats, assemble=assemble
+            ):
+                n += read.parts is not None
             sec = time.perf_counter() - t0
             runs.append((sec, stats, slide.cache_stats(), slide.direct_levels))
     runs.sort(key=lambda r: r[0])
@@ -297,6 +307,7 @@ def bench_reader(
     return {
         "backend": backend,
         "direct": bool(direct and levels),
+        "assembled_windows": assemble,
         "workers": workers,
         "tiles": len(tiles),
         "seconds": round(sec, 4),
@@ -447,8 +458,9 @@ def bench_stages(
     classifier, localizer = models.classifier, models.localizer
     sample = list(tiles)[:n_windows]
     with open_slide(slide_path, backend=settings.slide.backend) as slide:
-        windows = [
-            slide.read_region((t.read_x, t.read_y), (t.read_size, t.read_size), mpp=grid.mpp) for t in sample
+        parts = [
+            slide.read_region_parts((t.read_x, t.read_y), (t.read_size, t.read_size), mpp=grid.mpp)
+            for t in sample
         ]
         target = classifier.bundles[0].config.stain_target
         tstats = None if target is None else ReinhardStats(mu=target.mu, sigma=target.sigma)
@@ -466,13 +478,33 @@ def bench_stages(
     )
     b = len(sample)
     mp = b * grid.read_size**2 / 1e6
-    x = torch.from_numpy(np.stack(windows)).to(dev)
     out: dict[str, Any] = {"windows": b, "window_px": grid.read_size, "device": str(dev)}
     out["read"] = {
         "source": "reader benchmark (direct path, all cores)",
         "tiles_per_s": reader_figures["tiles_per_s"],
         "mp_per_s": reader_figures["window_mp_per_s"],
     }
+    # assemble: the device stage pasting the decoded tiles into its batch, in the pipeline's batch
+    # size, next to what it replaced (stacking windows the reader threads had assembled).
+    bt = max(1, settings.localization.batch_size)
+    windows = [p.to_array() for p in parts]
+
+    def paste() -> Any:
+        return [proc.assemble(parts[s : s + bt]) for s in range(0, b, bt)]
+
+    def stack() -> Any:
+        return [torch.from_numpy(np.stack(windows[s : s + bt])) for s in range(0, b, bt)]
+
+    sec_paste, _ = _timed(paste, dev, repeats)
+    sec_stack, _ = _timed(stack, dev, repeats)
+    out["assemble"] = {
+        "seconds": round(sec_paste, 4),
+        "tiles_per_s": _rate(b, sec_paste),
+        "mp_per_s": _rate(mp, sec_paste),
+        "stack_assembled_windows_s": round(sec_stack, 4),
+        "batch_tiles": bt,
+    }
+    x = proc.assemble(parts).to(dev)
 
     sec, norm = _timed(lambda: proc.normalize(x), dev, repeats)
     out["normalize"] = {"seconds": round(sec, 4), "tiles_per_s": _rate(b, sec), "mp_per_s": _rate(mp, sec)}
@@ -585,12 +617,10 @@ def bench_stages(
     }
 
     # The device stage as the pipeline runs it (one batch of the localization batch size at a time).
-    bt = max(1, settings.localization.batch_size)
-
     def device_stage() -> int:
         n = 0
         for s in range(0, b, bt):
-            res = proc(sample[s : s + bt], windows[s : s + bt])
+            res = proc(sample[s : s + bt], parts[s : s + bt])
             n += sum(len(t) for t in res.tables)
         return n
 
@@ -881,7 +911,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{raw['tiles']} tiles, median of {len(raw['seconds_all'])}",
     )
     for key, label in (
-        ("direct", "direct TIFF path"),
+        ("direct", "direct TIFF path, as the pipeline reads (decoded tiles)"),
+        ("direct-windows", "direct TIFF path, threads assembling windows"),
         ("openslide", "OpenSlide"),
         ("tiffslide", "tiffslide"),
     ):
@@ -897,6 +928,13 @@ def markdown(r: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     st, e2e, peer = r["stages"], r["end_to_end"], r["peer"]
     loc, crop, cls = st["localize"], st["crop"], st["classify"]
+    asm = st["assemble"]
+    row(
+        f"assemble (decoded tiles → batch, device thread, batches of {asm['batch_tiles']})",
+        f"{_fmt(asm['tiles_per_s'])} tiles/s",
+        f"{_fmt(asm['mp_per_s'])} window MP/s; stacking assembled windows instead: "
+        f"{_fmt(asm['stack_assembled_windows_s'], 3)} s vs {_fmt(asm['seconds'], 3)} s",
+    )
     row(
         f"normalize (Reinhard, {st['device']})",
         f"{_fmt(st['normalize']['tiles_per_s'])} tiles/s",
@@ -1006,7 +1044,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--localize-batch", type=int, default=0, help="tiles per device batch (0 = settings')")
     p.add_argument("--variants", action="store_true", help="also time layout/bf16/torch.compile variants")
     p.add_argument("--no-report", action="store_true", help="skip report.html in the end-to-end run")
-    p.add_argument("--backends", default="direct,openslide,tiffslide", help="reader variants to time")
+    p.add_argument(
+        "--backends",
+        default="direct,direct-windows,openslide,tiffslide",
+        help="reader variants to time (direct: as the pipeline reads; direct-windows: threads paste windows)",
+    )
     p.add_argument(
         "--reader-only", action="store_true", help="only the raw decode and the readers (steps 1-3)"
     )
@@ -1107,7 +1149,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     readers: dict[str, Any] = {}
     for variant in [v.strip() for v in args.backends.split(",") if v.strip()]:
-        backend = settings.slide.backend if variant == "direct" else variant
+        direct = variant in ("direct", "direct-windows")
+        backend = settings.slide.backend if direct else variant
         print(f"[benchmark] reader: {variant}", flush=True)
         readers[variant] = bench_reader(
             slide_path,
@@ -1116,7 +1159,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             workers=workers,
             prefetch=settings.reading.queue_tiles,
             backend=backend,
-            direct=variant == "direct",
+            direct=direct,
+            assemble=variant != "direct",
             repeats=args.repeats,
             slide_mp=slide_mp,
             raw_mp_per_s=raw["mp_per_s"],

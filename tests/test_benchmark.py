@@ -50,16 +50,19 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
 
     raw = on_disk["raw_decode"]
     assert raw["tiles"] > 0 and _positive(raw["mp_per_s"])
-    assert set(on_disk["readers"]) == {"direct", "openslide", "tiffslide"}
+    assert set(on_disk["readers"]) == {"direct", "direct-windows", "openslide", "tiffslide"}
     for variant, r in on_disk["readers"].items():
         for key in ("mp_per_s", "window_mp_per_s", "ratio_to_raw"):
             assert _positive(r[key]), f"{variant}.{key}"
-    direct = on_disk["readers"]["direct"]
-    assert direct["direct"] is True
-    assert direct["decodes"] == raw["tiles"]  # halos overlap, yet every tile is decoded once
+    for variant in ("direct", "direct-windows"):
+        direct = on_disk["readers"][variant]
+        assert direct["direct"] is True
+        assert direct["assembled_windows"] is (variant == "direct-windows")
+        assert direct["decodes"] == raw["tiles"]  # halos overlap, yet every tile is decoded once
 
     st = on_disk["stages"]
     assert _positive(st["read"]["mp_per_s"])
+    assert _positive(st["assemble"]["tiles_per_s"]) and _positive(st["assemble"]["stack_assembled_windows_s"])
     assert _positive(st["normalize"]["tiles_per_s"])
     assert _positive(st["localize"]["tiles_per_s"]) and _positive(st["localize"]["unet_tiles_per_s"])
     assert _positive(st["crop"]["cut_only_crops_per_s"])
@@ -72,6 +75,7 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert e2e["tiles"] == on_disk["grid"]["kept"]
     for key in ("reader", "device", "writer"):
         assert key in e2e["stages"]
+    assert e2e["stages"]["device"]["assemble_s"] > 0  # the device stage pastes the decoded tiles
     assert 0.0 <= e2e["idle"]["device_waiting_for_reader"] <= 1.0
 
     peer = on_disk["peer"]

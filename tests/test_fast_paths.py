@@ -286,3 +286,100 @@ def test_recycled_windows_are_never_overwritten_while_held(jpeg_slide: Path) -> 
         for tile, window in kept.values():
             expected = ref.read_region((tile.read_x, tile.read_y), (tile.read_size,) * 2, mpp=slide.mpp)
             np.testing.assert_array_equal(window, expected)
+
+
+def _grid_regions(slide: Slide, n: int, seed: int) -> list[tuple[tuple[int, int], tuple[int, int], float]]:
+    """Regions on each level's pixel grid at that level's µm/px (served as decoded tiles), some of
+    them reaching past the slide's edges."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        level = int(rng.integers(0, slide.level_count))
+        ds = round(slide.level_downsamples[level])
+        lw, lh = slide.level_dimensions[level]
+        lx, ly = int(rng.integers(-200, lw)), int(rng.integers(-200, lh))
+        size = (int(rng.integers(1, 900)), int(rng.integers(1, 900)))
+        out.append(((lx * ds, ly * ds), size, slide.mpp * slide.level_downsamples[level]))
+    return out
+
+
+def test_region_parts_paste_to_exactly_read_region(jpeg_slide: Path, shared_slides: Path) -> None:
+    """Pasting a region's pieces (decoded tiles on the level grid, else one resampled array) gives
+    exactly read_region's pixels: level edges, partial edge tiles, outside the slide (white), JPEG
+    tables (the real Aperio SVS), and into a strided slot of a larger array."""
+    for path in (jpeg_slide, shared_slides / "cmu-1-small-region.svs"):
+        with Slide(path) as slide, Slide(path, direct=False) as ref:
+            on_grid = _grid_regions(slide, 40, seed=5)
+            off_grid = [(loc, size, mpp) for loc, size, mpp in _regions(slide, 10, seed=6)]
+            for loc, size, mpp in on_grid + off_grid:
+                parts = slide.read_region_parts(loc, size, mpp=mpp)
+                expected = ref.read_region(loc, size, mpp=mpp)
+                assert parts.shape == expected.shape
+                np.testing.assert_array_equal(parts.to_array(), expected)
+                slot = np.zeros((size[1] + 4, size[0] + 6, 3), np.uint8)[2:-2, 3:-3]
+                np.testing.assert_array_equal(parts.paste_into(slot), expected)
+            # On the grid the pieces are the cached tiles themselves: nothing was copied.
+            loc, size, mpp = (0, 0), (700, 600), slide.mpp
+            parts = slide.read_region_parts(loc, size, mpp=mpp)
+            assert not parts.owned and parts.covered and len(parts.pieces) > 1
+            cached = slide._direct.cache._items.values() if slide._direct is not None else []
+            assert all(any(np.shares_memory(a, t) for t in cached) for a, _, _ in parts.pieces)
+            # Off the grid (resampled) the region is one array of its own.
+            resampled = slide.read_region_parts((0.5, 0), (300, 200), mpp=slide.mpp * 1.37)
+            assert resampled.owned and resampled.to_array() is resampled.pieces[0][0]
+
+
+def test_windows_read_as_parts_equal_assembled_windows(jpeg_slide: Path) -> None:
+    with Slide(jpeg_slide) as a, Slide(jpeg_slide) as b:
+        grid = make_grid(a.dimensions, slide_mpp=a.mpp, mpp=a.mpp, tile_size=512, halo_um=32.0)
+        tiles = list(grid.tiles())
+        as_parts = list(iter_windows(a, tiles, mpp=a.mpp, workers=3, prefetch=6, assemble=False))
+        whole = list(iter_windows(b, tiles, mpp=b.mpp, workers=3, prefetch=6))
+        decodes = a.cache_stats()["misses"]
+    with tifffile.TiffFile(jpeg_slide) as tif:
+        n_tiles = len(tif.pages[0].dataoffsets)
+    assert decodes == n_tiles  # the threads still decode each tile once
+    assert [r.tile.index for r in as_parts] == [t.index for t in tiles]
+    for p, w in zip(as_parts, whole, strict=True):
+        assert p.parts is not None and not p.parts.owned
+        assert w.parts is not None and w.parts.owned
+        np.testing.assert_array_equal(p.window, w.window)
+
+
+def test_unreadable_tile_read_as_parts_is_reported(jpeg_slide: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tiff"
+    data = bytearray(jpeg_slide.read_bytes())
+    with tifffile.TiffFile(jpeg_slide) as tif:
+        page: Any = tif.pages[0]
+        off, n = int(page.dataoffsets[0]), int(page.databytecounts[0])
+    data[off + 2 : off + n] = b"\x00" * (n - 2)
+    bad.write_bytes(bytes(data))
+    with Slide(bad) as slide:
+        grid = make_grid(slide.dimensions, slide_mpp=slide.mpp, mpp=slide.mpp, tile_size=512, halo_um=32.0)
+        reads = list(iter_windows(slide, grid.tiles(), mpp=slide.mpp, workers=2, prefetch=4, assemble=False))
+    first = reads[0]
+    assert first.parts is None and first.window is None
+    assert first.error is not None and "corrupt tile data" in first.error
+    assert all(r.parts is not None for r in reads if r.tile.read_x >= 256 or r.tile.read_y >= 256)
+
+
+def test_assemble_batch_pastes_parts_and_arrays_alike(jpeg_slide: Path) -> None:
+    from wsi_screen.buffers import BufferPool
+    from wsi_screen.pipeline import assemble_batch
+
+    with Slide(jpeg_slide) as slide:
+        locs = [(0, 0), (384, 256), (-64, 1700), (2000, 100)]
+        parts = [slide.read_region_parts(loc, (400, 400), mpp=slide.mpp) for loc in locs]
+        arrays = [slide.read_region(loc, (400, 400), mpp=slide.mpp) for loc in locs]
+    expected = np.stack(arrays)
+    mixed = [parts[0], arrays[1], parts[2], arrays[3]]
+    pool = BufferPool(2)
+    for windows in (parts, arrays, mixed):
+        got = assemble_batch(windows, pool=pool)
+        assert got.dtype == torch.uint8 and tuple(got.shape) == expected.shape
+        np.testing.assert_array_equal(got.numpy(), expected)
+    assert pool.reused > 0  # batch memory recycled once the previous batch was dropped
+    with pytest.raises(ValueError, match="one size"):
+        assemble_batch([arrays[0], arrays[1][:300]])
+    with pytest.raises(ValueError, match="no windows"):
+        assemble_batch([])

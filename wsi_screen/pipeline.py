@@ -35,11 +35,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_screen import __version__
+from wsi_screen.buffers import BufferPool
 from wsi_screen.cells import CellTable
 from wsi_screen.config import Settings
 from wsi_screen.errors import ConfigError, CorruptSlideError
 from wsi_screen.reader import ReaderStats, band_columns, cache_order, iter_windows
-from wsi_screen.slide import Slide, open_slide
+from wsi_screen.slide import RegionParts, Slide, open_slide
 from wsi_screen.tiling import Tile, TileGrid, make_grid
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ __all__ = [
     "Models",
     "SlideResult",
     "TileProcessor",
+    "assemble_batch",
     "estimate_source_stats",
     "load_models",
     "run_slide",
@@ -264,6 +266,41 @@ def _focus(img: torch.Tensor, margin: int, *, edge: float = 2.0, min_fraction: f
     return [v if good else float("nan") for v, good in zip(ratio.tolist(), ok.tolist(), strict=True)]
 
 
+def assemble_batch(
+    windows: Sequence[NDArray[np.uint8] | RegionParts],
+    *,
+    pinned: bool = False,
+    pool: BufferPool | None = None,
+) -> torch.Tensor:
+    """The windows as one N×H×W×3 uint8 tensor, each pixel copied once.
+
+    Windows read as parts (:class:`~wsi_screen.slide.RegionParts`: the decoded tiles under them)
+    are pasted straight into their slot. ``pinned``: in page-locked memory from torch's caching
+    host allocator (for a non-blocking copy to CUDA); otherwise over ``pool`` memory when given.
+    """
+    import torch
+
+    if not windows:
+        raise ValueError("no windows to assemble")
+    shape = tuple(int(v) for v in windows[0].shape)
+    if len(shape) != 3 or shape[2] != 3 or any(tuple(w.shape) != shape for w in windows):
+        got = [tuple(w.shape) for w in windows]
+        raise ValueError(f"windows must all be H×W×3 of one size, got {got}")
+    n = len(windows)
+    if pinned:
+        x = torch.empty((n, *shape), dtype=torch.uint8, pin_memory=True)
+        buf: NDArray[np.uint8] = x.numpy()
+    else:
+        buf = pool.take((n, *shape)) if pool is not None else np.empty((n, *shape), np.uint8)
+        x = torch.from_numpy(buf)
+    for i, w in enumerate(windows):
+        if isinstance(w, RegionParts):
+            w.paste_into(buf[i])
+        else:
+            buf[i] = w
+    return x
+
+
 class TileProcessor:
     """Device stage for a batch of windows: normalize → localize → own → crop → classify.
 
@@ -306,6 +343,13 @@ class TileProcessor:
                     f"crops; mask_channel={mask_channel} contradicts it"
                 )
             self.mask_channel = bool(mask_channel)
+        # Batch memory (CPU) reused once a batch's tensors are gone; CUDA batches come from torch's
+        # caching pinned-memory allocator instead.
+        self._batches = BufferPool(4)
+
+    def assemble(self, windows: Sequence[NDArray[np.uint8] | RegionParts]) -> torch.Tensor:
+        """The batch tensor of ``windows`` for this stage's device (:func:`assemble_batch`)."""
+        return assemble_batch(windows, pinned=self.device.type == "cuda", pool=self._batches)
 
     def normalize(self, windows: torch.Tensor) -> torch.Tensor:
         """Reinhard towards the bundle target with the slide's source statistics (or pass through)."""
@@ -315,18 +359,21 @@ class TileProcessor:
             return windows
         return reinhard(windows, self.target, source=self.source)
 
-    def __call__(self, tiles: Sequence[Tile], windows: Sequence[NDArray[np.uint8]]) -> BatchResult:
+    def __call__(
+        self, tiles: Sequence[Tile], windows: Sequence[NDArray[np.uint8] | RegionParts]
+    ) -> BatchResult:
+        """Screen a batch of windows (arrays, or the decoded tiles under them) of ``tiles``."""
         import torch
 
         from wsi_screen.classify import cut_crops, cut_mask_crops
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.stack(windows))
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
+        x = self.assemble(windows)
+        ta = time.perf_counter()
+        timings["assemble"] = ta - t0
+        t0 = ta
+        x = x.to(self.device, non_blocking=self.device.type == "cuda")
         norm = self.normalize(x)
         # Focus needs the grey level of the core and a small margin only.
         m = max(self.grid.halo - FOCUS_MARGIN, 0)
@@ -811,7 +858,7 @@ def _run_tiles(
     batch_tiles = max(1, settings.localization.batch_size)
     reader_stats = ReaderStats()
     device_busy = 0.0
-    device_timings: dict[str, float] = {"normalize": 0.0, "localize": 0.0, "crop": 0.0, "classify": 0.0}
+    device_timings = dict.fromkeys(("assemble", "normalize", "localize", "crop", "classify"), 0.0)
     writer_block = 0.0
     n_cells = 0
     store = CellStoreWriter(
@@ -827,7 +874,7 @@ def _run_tiles(
     t_loop = time.perf_counter()
     done = 0
     try:
-        batch: list[tuple[Tile, NDArray[np.uint8]]] = []
+        batch: list[tuple[Tile, RegionParts]] = []
 
         def flush() -> None:
             nonlocal device_busy, writer_block, n_cells
@@ -853,11 +900,12 @@ def _run_tiles(
             workers=workers,
             prefetch=settings.reading.queue_tiles,
             stats=reader_stats,
+            assemble=False,  # the device stage pastes the decoded tiles straight into its batch
         ):
-            if read.window is None:
+            if read.parts is None:
                 status[read.tile.index] = TILE_UNREADABLE
             else:
-                batch.append((read.tile, read.window))
+                batch.append((read.tile, read.parts))
             if len(batch) >= batch_tiles:
                 flush()
             done += 1

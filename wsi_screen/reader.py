@@ -9,6 +9,12 @@ come out in the order of the tiles given (grid order, or the bands of :func:`cac
 results are deterministic however the threads are scheduled. Window memory is recycled once the
 consumer has dropped a window (:class:`wsi_screen.buffers.BufferPool`), so a steady stream of windows
 does not fault in fresh pages for each.
+
+With ``assemble=False`` (what the pipeline uses) the threads only decode: each window comes as the
+decoded tiles it is cut from (:class:`wsi_screen.slide.RegionParts`), and the consumer pastes them
+straight into its batch. That is one copy of each window's pixels instead of two (tiles → window →
+batch), and it takes the window assembly, memory traffic the raw JPEG decode does not have, off the
+reader threads.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from numpy.typing import NDArray
 
 from wsi_screen.buffers import BufferPool
 from wsi_screen.errors import CorruptTileError
-from wsi_screen.slide import Slide
+from wsi_screen.slide import RegionParts, Slide
 from wsi_screen.tiling import Tile, TileGrid
 
 __all__ = ["ReaderStats", "WindowRead", "band_columns", "cache_order", "iter_windows"]
@@ -34,14 +41,19 @@ __all__ = ["ReaderStats", "WindowRead", "band_columns", "cache_order", "iter_win
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WindowRead:
-    """One tile's read window (None when its tile data could not be decoded)."""
+    """One tile's read window: its pixels (None when its tile data could not be decoded)."""
 
     tile: Tile
-    window: NDArray[np.uint8] | None
+    parts: RegionParts | None
     error: str | None
     seconds: float
+
+    @cached_property
+    def window(self) -> NDArray[np.uint8] | None:
+        """The window as one H×W×3 array (pasted together on first use when read as parts)."""
+        return None if self.parts is None else self.parts.to_array()
 
 
 @dataclass
@@ -92,13 +104,17 @@ def iter_windows(
     prefetch: int,
     stats: ReaderStats | None = None,
     pool: int | None = None,
+    assemble: bool = True,
 ) -> Iterator[WindowRead]:
     """Read each tile's window (core + halo at ``mpp``) with ``workers`` threads, in order.
 
-    A tile whose data cannot be decoded yields ``window=None`` and the error text; other errors
-    propagate. ``pool``: at most this many window buffers are recycled, each once the consumer has
-    dropped its window (:class:`~wsi_screen.buffers.BufferPool`; default ``2 × prefetch + 64``: the
-    windows in flight plus a consumer's batches; 0: none). Only as many are kept as were alive at once.
+    A tile whose data cannot be decoded yields ``parts=None`` (and ``window=None``) and the error
+    text; other errors propagate. ``assemble``: the threads paste each window together (``parts``
+    is then one array of its own); with False they deliver the decoded tiles under it instead
+    (:meth:`Slide.read_region_parts`) for the consumer to paste where it needs them. ``pool``: at
+    most this many window buffers are recycled, each once the consumer has dropped its window
+    (:class:`~wsi_screen.buffers.BufferPool`; default ``2 × prefetch + 64``: the windows in flight
+    plus a consumer's batches; 0: none). Only as many are kept as were alive at once.
     """
     workers = max(1, int(workers))
     prefetch = max(workers, int(prefetch))
@@ -120,18 +136,21 @@ def iter_windows(
 
     def read(tile: Tile) -> WindowRead:
         t0 = time.perf_counter()
+        loc, size = (tile.read_x, tile.read_y), (tile.read_size, tile.read_size)
+        parts: RegionParts | None
         try:
-            out = buffers.take((tile.read_size, tile.read_size, 3))
-            window = handle().read_region(
-                (tile.read_x, tile.read_y), (tile.read_size, tile.read_size), mpp=mpp, out=out
-            )
+            if assemble:
+                out = buffers.take((tile.read_size, tile.read_size, 3))
+                parts = RegionParts.from_array(handle().read_region(loc, size, mpp=mpp, out=out))
+            else:
+                parts = handle().read_region_parts(loc, size, mpp=mpp)
             error = None
         except CorruptTileError as exc:
-            window, error = None, str(exc)
+            parts, error = None, str(exc)
             logger.warning("tile %d (row %d, col %d) unreadable: %s", tile.index, tile.row, tile.col, exc)
         dt = time.perf_counter() - t0
-        stats.add(dt, tile.read_size * tile.read_size, failed=window is None)
-        return WindowRead(tile=tile, window=window, error=error, seconds=dt)
+        stats.add(dt, tile.read_size * tile.read_size, failed=parts is None)
+        return WindowRead(tile=tile, parts=parts, error=error, seconds=dt)
 
     start = time.perf_counter()
     pending: deque[Future[WindowRead]] = deque()

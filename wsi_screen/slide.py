@@ -42,6 +42,7 @@ __all__ = [
     "BACKENDS",
     "MPP_PLAUSIBLE_RANGE",
     "Backend",
+    "RegionParts",
     "Slide",
     "SlideInfo",
     "open_slide",
@@ -410,20 +411,27 @@ class _DirectTiff:
 
     def read_into(self, level: int, x0: int, y0: int, out: NDArray[np.uint8]) -> None:
         """Fill ``out`` (h, w, 3) with the pixels of ``level`` from (x0, y0) (level px, inside)."""
-        lv = self.levels[level]
         h, w = out.shape[:2]
+        self.visit(level, x0, y0, w, h, lambda tile, tx, ty: _paste(out, x0, y0, tile, tx, ty))
+
+    def visit(
+        self, level: int, x0: int, y0: int, w: int, h: int, use: Callable[[NDArray[np.uint8], int, int], None]
+    ) -> None:
+        """Call ``use(tile, tx, ty)`` for each decoded tile under the region (level px, inside the
+        level), as soon as it is available; (tx, ty) is the tile's top-left corner in level px."""
+        lv = self.levels[level]
         tw, th = lv.tile_w, lv.tile_h
         rows = range(y0 // th, (y0 + h - 1) // th + 1)
         cols = range(x0 // tw, (x0 + w - 1) // tw + 1)
         places = [(r * lv.tiles_across + c, c * tw, r * th) for r in rows for c in cols]
         keys = [(level, idx) for idx, _, _ in places]
-        # Copy what is cached, decode (claiming each tile as its decode starts) what nobody is
+        # Use what is cached, decode (claiming each tile as its decode starts) what nobody is
         # decoding, and only then wait for the tiles other threads are decoding. Last tiles first:
         # in row-major order a window's first tiles are the last ones of its left neighbour, which
         # another thread is likely reading at the same time and (going last-first too) decodes first.
         found, missing = self.cache.lookup(keys)
         for i, tile in found:
-            _paste(out, x0, y0, tile, places[i][1], places[i][2])
+            use(tile, places[i][1], places[i][2])
         busy: list[int] = []
         for i in reversed(missing):
             got = self.cache.acquire(keys[i])
@@ -435,10 +443,10 @@ class _DirectTiff:
                     got = self._decode(lv, places[i][0])
                 finally:
                     self.cache.fulfil(keys[i], got)
-            _paste(out, x0, y0, got, places[i][1], places[i][2])
+            use(got, places[i][1], places[i][2])
         for i in busy:
             tile = self.cache.get(keys[i], partial(self._decode, lv, places[i][0]))
-            _paste(out, x0, y0, tile, places[i][1], places[i][2])
+            use(tile, places[i][1], places[i][2])
 
     def _decode(self, lv: _DirectLevel, idx: int) -> NDArray[np.uint8]:
         n, off = int(lv.counts[idx]), int(lv.offsets[idx])
@@ -485,6 +493,52 @@ def _direct_eligible(page: Any, file_size: int) -> bool:
         and len(offsets) == n_across * n_down
         and (len(offsets) == 0 or int((offsets + counts).max()) <= file_size)
     )
+
+
+@dataclass(frozen=True, eq=False)
+class RegionParts:
+    """A region's pixels as the arrays they are pasted from, not yet copied into one array.
+
+    What :meth:`Slide.read_region_parts` returns: on the direct TIFF path the decoded tiles under
+    the region (shared with the tile cache: read-only), otherwise one array read for the region.
+    Nothing is copied until :meth:`paste_into`, so a consumer can paste straight into its own
+    buffer, e.g. one slot of a batch, instead of copying the tiles into a window and the window
+    into the batch. Each piece is ``(array, x, y)``: the array's top-left corner at region px
+    (x, y), possibly outside the region (only the overlap is pasted). Pixels that no piece covers
+    are white glass.
+    """
+
+    width: int
+    height: int
+    pieces: tuple[tuple[NDArray[np.uint8], int, int], ...]
+    covered: bool
+    """Whether the pieces cover every pixel of the region (otherwise the rest is white)."""
+    owned: bool = False
+    """Whether the only piece is an array made for this region alone (:meth:`to_array` returns it)."""
+
+    @classmethod
+    def from_array(cls, arr: NDArray[np.uint8]) -> RegionParts:
+        """A region that is one H×W×3 array of its own."""
+        return cls(int(arr.shape[1]), int(arr.shape[0]), ((arr, 0, 0),), covered=True, owned=True)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    def paste_into(self, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Copy the region into ``out`` (H×W×3 uint8, may be a strided view) and return it."""
+        _check_out(out, self.width, self.height)
+        if not self.covered:
+            out.fill(_WHITE)
+        for arr, x, y in self.pieces:
+            _paste(out, 0, 0, arr, x, y)
+        return out
+
+    def to_array(self) -> NDArray[np.uint8]:
+        """The region as one H×W×3 array (its own array when it has one, else a new one)."""
+        if self.owned:
+            return self.pieces[0][0]
+        return self.paste_into(np.empty(self.shape, np.uint8))
 
 
 class Slide:
@@ -762,10 +816,7 @@ class Slide:
             except (MemoryError, KeyboardInterrupt):
                 raise
             except Exception as exc:
-                raise CorruptTileError(
-                    f"{self.path.name}: corrupt tile data at level {level}, region "
-                    f"x={cx0} y={cy0} {cx1 - cx0}×{cy1 - cy0} ({_one_line(exc)})"
-                ) from exc
+                raise self._tile_error(level, (cx0, cy0, cx1, cy1), exc) from exc
             return out
         loc0 = (round(cx0 * ds), round(cy0 * ds))
         if cx0 == lx and cy0 == ly:
@@ -773,6 +824,13 @@ class Slide:
         region = self._read_raw(loc0, level, (cx1 - cx0, cy1 - cy0))
         out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = region
         return out
+
+    def _tile_error(self, level: int, box: tuple[int, int, int, int], exc: BaseException) -> CorruptTileError:
+        x0, y0, x1, y1 = box
+        return CorruptTileError(
+            f"{self.path.name}: corrupt tile data at level {level}, region "
+            f"x={x0} y={y0} {x1 - x0}×{y1 - y0} ({_one_line(exc)})"
+        )
 
     def _read_raw(self, loc0: tuple[int, int], level: int, size: tuple[int, int]) -> NDArray[np.uint8]:
         try:
@@ -849,6 +907,53 @@ class Slide:
             return np.asarray(img, dtype=np.uint8)
         out[...] = np.asarray(img, dtype=np.uint8)
         return out
+
+    def read_region_parts(
+        self,
+        location: tuple[float, float],
+        size: tuple[int, int],
+        *,
+        mpp: float,
+        level: int | None = None,
+    ) -> RegionParts:
+        """The pixels :meth:`read_region` would return, as the pieces they are pasted from.
+
+        When the region maps one to one onto the pixels of a level read directly from the TIFF
+        tiles (``mpp`` is that level's resolution and ``location`` falls on its pixel grid), the
+        pieces are the decoded tiles, and nothing is copied yet; otherwise the region is read with
+        :meth:`read_region` and is its only piece. Same arguments and errors as :meth:`read_region`.
+        """
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {w}×{h}")
+        lvl = self.best_level(mpp) if level is None else level
+        ds = self.info.level_downsamples[lvl]
+        fx, fy = location[0] / ds, location[1] / ds
+        direct = self._direct
+        on_grid = float(fx).is_integer() and float(fy).is_integer()
+        one_to_one = abs(mpp / self.mpp / ds - 1.0) < 1e-6 and on_grid
+        if direct is None or lvl not in direct.levels or not one_to_one:
+            return RegionParts.from_array(self.read_region(location, (w, h), mpp=mpp, level=lvl))
+        lw, lh = self.info.level_dimensions[lvl]
+        lx, ly = math.floor(int(location[0]) / ds), math.floor(int(location[1]) / ds)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        covered = cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h
+        if cx1 <= cx0 or cy1 <= cy0:
+            return RegionParts(w, h, (), covered=False)
+        pieces: list[tuple[NDArray[np.uint8], int, int]] = []
+
+        def keep(tile: NDArray[np.uint8], tx: int, ty: int) -> None:
+            # An edge tile's pixels beyond the level are not image: cut them off (a view).
+            pieces.append((tile[: lh - ty, : lw - tx], tx - lx, ty - ly))
+
+        try:
+            direct.visit(lvl, cx0, cy0, cx1 - cx0, cy1 - cy0, keep)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise self._tile_error(lvl, (cx0, cy0, cx1, cy1), exc) from exc
+        return RegionParts(w, h, tuple(pieces), covered=covered)
 
     def thumbnail(self, *, mpp: float, block: int = 1024) -> NDArray[np.uint8]:
         """The whole slide at ``mpp`` µm/px, read in blocks so memory stays bounded."""
