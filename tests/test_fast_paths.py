@@ -105,16 +105,23 @@ def test_overlapping_windows_decode_each_tile_once(jpeg_slide: Path) -> None:
     assert stats["hits"] > 0
 
 
-def test_corrupt_tile_is_reported_and_others_still_read(jpeg_slide: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.tiff"
-    data = bytearray(jpeg_slide.read_bytes())
-    with tifffile.TiffFile(jpeg_slide) as tif:
+def _with_corrupt_tile(src: Path, dst: Path, index: int) -> tuple[int, int]:
+    """Copy ``src`` to ``dst`` with level-0 tile ``index`` keeping its SOI marker and losing everything
+    else; returns the tile width and the tiles across."""
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
         page: Any = tif.pages[0]
-        off, n = int(page.dataoffsets[5]), int(page.databytecounts[5])
+        off, n = int(page.dataoffsets[index]), int(page.databytecounts[index])
         tw = int(page.tilewidth)
         across = -(-int(page.imagewidth) // tw)
-    data[off + 2 : off + n] = b"\x00" * (n - 2)  # tile 5 keeps its SOI marker, loses everything else
-    bad.write_bytes(bytes(data))
+    data[off + 2 : off + n] = b"\x00" * (n - 2)
+    dst.write_bytes(bytes(data))
+    return tw, across
+
+
+def test_corrupt_tile_is_reported_and_others_still_read(jpeg_slide: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tiff"
+    tw, across = _with_corrupt_tile(jpeg_slide, bad, 5)
     with Slide(bad) as slide:
         row, col = divmod(5, across)
         with pytest.raises(CorruptTileError, match="corrupt tile data"):
@@ -348,12 +355,7 @@ def test_windows_read_as_parts_equal_assembled_windows(jpeg_slide: Path) -> None
 
 def test_unreadable_tile_read_as_parts_is_reported(jpeg_slide: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.tiff"
-    data = bytearray(jpeg_slide.read_bytes())
-    with tifffile.TiffFile(jpeg_slide) as tif:
-        page: Any = tif.pages[0]
-        off, n = int(page.dataoffsets[0]), int(page.databytecounts[0])
-    data[off + 2 : off + n] = b"\x00" * (n - 2)
-    bad.write_bytes(bytes(data))
+    _with_corrupt_tile(jpeg_slide, bad, 0)
     with Slide(bad) as slide:
         grid = make_grid(slide.dimensions, slide_mpp=slide.mpp, mpp=slide.mpp, tile_size=512, halo_um=32.0)
         reads = list(iter_windows(slide, grid.tiles(), mpp=slide.mpp, workers=2, prefetch=4, assemble=False))
@@ -383,3 +385,27 @@ def test_assemble_batch_pastes_parts_and_arrays_alike(jpeg_slide: Path) -> None:
         assemble_batch([arrays[0], arrays[1][:300]])
     with pytest.raises(ValueError, match="no windows"):
         assemble_batch([])
+
+
+@pytest.mark.gpu
+def test_pinned_batch_reaches_the_gpu_intact(jpeg_slide: Path) -> None:
+    """On CUDA the batch is pasted into pinned memory and copied non-blocking; batches made one after
+    another (pinned memory reused by torch's caching host allocator) all arrive intact."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from wsi_screen.pipeline import assemble_batch
+
+    with Slide(jpeg_slide) as slide:
+        regions = [[(x, y) for x in (0, 512, 1024)] for y in (0, 256, 768, 1280)]
+        batches = [
+            [slide.read_region_parts(loc, (512, 512), mpp=slide.mpp) for loc in row] for row in regions
+        ]
+        expected = [np.stack([p.to_array() for p in b]) for b in batches]
+    on_gpu = []
+    for b in batches:
+        x = assemble_batch(b, pinned=True)
+        assert x.is_pinned()
+        on_gpu.append(x.to("cuda", non_blocking=True))
+    torch.cuda.synchronize()
+    for got, want in zip(on_gpu, expected, strict=True):
+        np.testing.assert_array_equal(got.cpu().numpy(), want)

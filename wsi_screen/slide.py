@@ -797,12 +797,8 @@ class Slide:
             raise ValueError(f"region size must be positive, got {w}×{h}")
         _check_out(out, w, h)
         ds = self.info.level_downsamples[level]
-        lw, lh = self.info.level_dimensions[level]
         # Clip to the level so both backends agree outside the image (white, like empty glass).
-        lx, ly = math.floor(location[0] / ds), math.floor(location[1] / ds)
-        cx0, cy0 = max(lx, 0), max(ly, 0)
-        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
-        inside = cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h
+        (lx, ly), (cx0, cy0, cx1, cy1), inside = self._clip_to_level(location, level, w, h)
         if out is None:
             out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), _WHITE, dtype=np.uint8)
         elif not inside:
@@ -831,6 +827,19 @@ class Slide:
             f"{self.path.name}: corrupt tile data at level {level}, region "
             f"x={x0} y={y0} {x1 - x0}×{y1 - y0} ({_one_line(exc)})"
         )
+
+    def _clip_to_level(
+        self, location: tuple[int, int], level: int, w: int, h: int
+    ) -> tuple[tuple[int, int], tuple[int, int, int, int], bool]:
+        """A w×h region of ``level`` at level-0 ``location``: its origin in level px, the part of it
+        inside the level (x0, y0, x1, y1; empty when x1 ≤ x0 or y1 ≤ y0), and whether that is all of it."""
+        ds = self.info.level_downsamples[level]
+        lw, lh = self.info.level_dimensions[level]
+        lx, ly = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        inside = cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h
+        return (lx, ly), (cx0, cy0, cx1, cy1), inside
 
     def _read_raw(self, loc0: tuple[int, int], level: int, size: tuple[int, int]) -> NDArray[np.uint8]:
         try:
@@ -935,10 +944,8 @@ class Slide:
         if direct is None or lvl not in direct.levels or not one_to_one:
             return RegionParts.from_array(self.read_region(location, (w, h), mpp=mpp, level=lvl))
         lw, lh = self.info.level_dimensions[lvl]
-        lx, ly = math.floor(int(location[0]) / ds), math.floor(int(location[1]) / ds)
-        cx0, cy0 = max(lx, 0), max(ly, 0)
-        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
-        covered = cx0 == lx and cy0 == ly and cx1 == lx + w and cy1 == ly + h
+        loc = (int(location[0]), int(location[1]))
+        (lx, ly), (cx0, cy0, cx1, cy1), covered = self._clip_to_level(loc, lvl, w, h)
         if cx1 <= cx0 or cy1 <= cy0:
             return RegionParts(w, h, (), covered=False)
         pieces: list[tuple[NDArray[np.uint8], int, int]] = []
