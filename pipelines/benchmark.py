@@ -944,7 +944,8 @@ def markdown(r: dict[str, Any]) -> str:
         "localize (U-Net + candidates)",
         f"{_fmt(loc['tiles_per_s'], 2)} tiles/s",
         f"U-Net alone {_fmt(loc['unet_tiles_per_s'], 2)} tiles/s; candidates "
-        f"{_fmt(loc['candidates_s'], 2)} s for {loc['candidates']} nuclei in {st['windows']} tiles",
+        f"{_fmt(loc['candidates_s'], 2)} s for {loc['candidates']} nuclei in {st['windows']} tiles "
+        f"({r['settings'].get('candidate_workers') or 'no'} candidate processes)",
     )
     row(
         "crop (ownership, outlines, cut)",
@@ -1015,7 +1016,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--workers", type=int, default=0, help="reader/decode threads (0 = all cores)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per micro-benchmark (median)")
-    p.add_argument("--stage-windows", type=int, default=8, help="windows for the stage micro-benchmarks")
+    p.add_argument(
+        "--stage-windows", type=int, default=8, help="windows for the stage micro-benchmarks (≥ one batch)"
+    )
     p.add_argument("--min-crops", type=int, default=512, help="crops for the classify/cut micro-benchmarks")
     p.add_argument("--write-cells", type=int, default=50_000, help="cells for the write micro-benchmark")
     p.add_argument("--localizer", help="localization bundle (default: the settings')")
@@ -1137,6 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "reader_workers": workers,
         "queue_tiles": settings.reading.queue_tiles,
         "localize_batch": settings.localization.batch_size,
+        "candidate_workers": models.localizer.candidate_workers,
         "classify_batch": settings.classification.batch_size,
         "heap_tuning": heap_tuning,
     }
@@ -1182,7 +1186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         models,
         grid,
         tiles,
-        n_windows=args.stage_windows,
+        n_windows=max(args.stage_windows, settings.localization.batch_size),  # at least one full batch
         repeats=args.repeats,
         min_crops=args.min_crops,
         write_cells=args.write_cells,

@@ -255,6 +255,7 @@ def test_config_hash_ignores_only_neutral_settings(settings: Settings) -> None:
         "runtime.device": "cuda",
         "runtime.torch_threads": 5,
         "localization.batch_size": 9,
+        "localization.candidate_workers": 3,
         "classification.batch_size": 11,
     }
     assert set(neutral) == set(B.RESULT_NEUTRAL_SETTINGS)

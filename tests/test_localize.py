@@ -169,3 +169,49 @@ def test_localize_rejects_bad_halo(localizer: Localizer) -> None:
     assert (
         localizer.localize(torch.zeros((0, 64, 64, 3), dtype=torch.uint8), window_mpp=0.25, halo_px=8) == []
     )
+
+
+def test_candidate_processes_give_the_same_candidates(tmp_path: Path) -> None:
+    """Candidates extracted in a pool of processes (``localization.candidate_workers``) equal those
+    extracted in the device thread, in tile order; the pool is stopped by ``close()``."""
+    bundle = load_bundle(_bundle(tmp_path))
+    serial = Localizer(bundle, settings=LocalizationSettings(candidate_workers=0), device=CPU)
+    pooled = Localizer(bundle, settings=LocalizationSettings(candidate_workers=2), device=CPU)
+    serial.model = pooled.model = OdThreshold(0.2, 0.2)
+    rng = np.random.default_rng(3)
+    windows = torch.cat(
+        [
+            _windows([tuple(rng.uniform(60, 450, 2)) for _ in range(k)], 512, float(rng.uniform(8, 16)))
+            for k in (3, 0, 6, 1, 4)
+        ]
+    )
+    want = serial.localize(windows, window_mpp=0.25, halo_px=128)
+    try:
+        got = pooled.localize(windows, window_mpp=0.25, halo_px=128)
+        assert pooled._pool is not None  # the batch went through the processes
+    finally:
+        pooled.close()
+    assert pooled._pool is None
+    assert [len(c) for c in got] == [len(c) for c in want] and sum(len(c) for c in want) > 0
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.x, w.x)
+        np.testing.assert_array_equal(g.y, w.y)
+        for name in w.morphometrics:
+            np.testing.assert_array_equal(g.morphometrics[name], w.morphometrics[name])
+        for a, b in zip(g.outlines, w.outlines, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_candidate_workers_default_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_screen import runtime
+    from wsi_screen.localize import resolve_candidate_workers
+
+    monkeypatch.setattr(runtime, "cpu_count", lambda: 16)
+    assert resolve_candidate_workers(None, CPU) == 0  # the U-Net's threads already use every core
+    assert resolve_candidate_workers(None, torch.device("cuda")) == 15  # all but the device thread
+    assert resolve_candidate_workers(3, torch.device("cuda")) == 3
+    assert resolve_candidate_workers(0, torch.device("cuda")) == 0
+    monkeypatch.setattr(runtime, "cpu_count", lambda: 2)
+    assert resolve_candidate_workers(None, torch.device("cuda")) == 0  # one spare core: not worth a pool
+    with pytest.raises(ValueError, match="candidate_workers"):
+        LocalizationSettings(candidate_workers=-1)

@@ -105,6 +105,7 @@ RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "runtime.device",
     "runtime.torch_threads",
     "localization.batch_size",
+    "localization.candidate_workers",
     "classification.batch_size",
 )
 

@@ -103,6 +103,16 @@ class LocalizationSettings(_Section):
     max_nucleus_area_um2: float = Field(450.0, gt=0.0, description="largest nucleus kept, µm²")
     min_peak_distance_um: float = Field(3.0, ge=0.0, description="min distance of split nuclei, µm")
     batch_size: int = Field(4, ge=1, le=1024)
+    candidate_workers: int | None = Field(
+        None,
+        ge=0,
+        le=1024,
+        description=(
+            "processes extracting candidates from a batch's probability maps in parallel (0: in the "
+            "device thread; None: automatic — every CPU core but one on CUDA/MPS, 0 on the CPU, where "
+            "the U-Net already uses every core)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _areas(self) -> LocalizationSettings:

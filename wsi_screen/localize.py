@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +229,8 @@ class Localizer:
             "cell": float(th.get("cell", 0.5)),
         }
         self.batch_size = int(settings.batch_size)
+        self.candidate_workers = resolve_candidate_workers(settings.candidate_workers, device)
+        self._pool: ProcessPoolExecutor | None = None
         model = bundle.build_model(device=device)
         if device.type not in ("mps",):
             model = model.to(memory_format=torch.channels_last)
@@ -295,23 +301,68 @@ class Localizer:
         map_mpp = float(window_mpp) * (sy + sx) / 2.0
         ch = {name: i for i, name in enumerate(self.channels)}
         s = self.settings
-        out: list[TileCandidates] = []
-        for i in range(b):
-            cands = extract_candidates(
-                probs[i, ch["nucleus"]],
-                mpp=map_mpp,
-                marker=probs[i, ch["marker"]] if "marker" in ch else None,
-                cell=probs[i, ch["cell"]] if "cell" in ch else None,
-                od=ods[i],
-                nucleus_threshold=self.thresholds["nucleus"],
-                marker_threshold=self.thresholds["marker"],
-                cell_threshold=self.thresholds["cell"],
-                min_area_um2=s.min_nucleus_area_um2,
-                max_area_um2=s.max_nucleus_area_um2,
-                min_peak_distance_um=s.min_peak_distance_um,
-            )
-            out.append(_to_window(cands, sx=sx, sy=sy, offset=float(trim)))
-        return out
+        jobs = [
+            {
+                "nucleus": probs[i, ch["nucleus"]],
+                "mpp": map_mpp,
+                "marker": probs[i, ch["marker"]] if "marker" in ch else None,
+                "cell": probs[i, ch["cell"]] if "cell" in ch else None,
+                "od": ods[i],
+                "nucleus_threshold": self.thresholds["nucleus"],
+                "marker_threshold": self.thresholds["marker"],
+                "cell_threshold": self.thresholds["cell"],
+                "min_area_um2": s.min_nucleus_area_um2,
+                "max_area_um2": s.max_nucleus_area_um2,
+                "min_peak_distance_um": s.min_peak_distance_um,
+            }
+            for i in range(b)
+        ]
+        return [_to_window(c, sx=sx, sy=sy, offset=float(trim)) for c in self._extract(jobs)]
+
+    def _extract(self, jobs: list[dict[str, Any]]) -> list[Candidates]:
+        """:func:`extract_candidates` of each job, in order: in this thread, or spread over the
+        candidate processes (``localization.candidate_workers``) when there are several jobs."""
+        if self.candidate_workers == 0 or len(jobs) < 2:
+            return [extract_candidates(**job) for job in jobs]
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")  # never fork a process holding CUDA or threads
+            self._pool = ProcessPoolExecutor(max_workers=self.candidate_workers, mp_context=ctx)
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+            logger.debug("candidate extraction in %d processes", self.candidate_workers)
+        try:
+            return list(self._pool.map(_extract_job, jobs))
+        except BrokenProcessPool as exc:
+            self._pool = None
+            raise RuntimeError(
+                "a candidate-extraction process died (out of memory?); set "
+                "localization.candidate_workers to fewer processes, or 0 to extract in the device thread"
+            ) from exc
+
+    def close(self) -> None:
+        """Stop the candidate processes, if any were started (they start again when needed)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_candidate_workers(requested: int | None, device: torch.device) -> int:
+    """Candidate processes for ``localization.candidate_workers`` on ``device`` (0: none).
+
+    Automatic (None): on an accelerator the device thread would otherwise spend most of its time in
+    CPU-bound candidate extraction, one tile after another, so every core but the device thread's
+    extracts in parallel; on the CPU the U-Net's own threads already use every core.
+    """
+    from wsi_screen.runtime import cpu_count
+
+    if requested is not None:
+        return int(requested)
+    spare = cpu_count() - 1
+    return spare if device.type != "cpu" and spare >= 2 else 0
+
+
+def _extract_job(job: dict[str, Any]) -> Candidates:
+    """One tile's candidates in a candidate process (a top-level function, so it pickles)."""
+    return extract_candidates(**job)
 
 
 def _to_window(c: Candidates, *, sx: float, sy: float, offset: float) -> TileCandidates:
