@@ -409,3 +409,34 @@ def test_pinned_batch_reaches_the_gpu_intact(jpeg_slide: Path) -> None:
     torch.cuda.synchronize()
     for got, want in zip(on_gpu, expected, strict=True):
         np.testing.assert_array_equal(got.cpu().numpy(), want)
+
+
+def test_padded_classifier_batches_give_the_same_probabilities(tmp_path: Path) -> None:
+    """Padding forward batches to a few fixed sizes (the CUDA default, against cuDNN re-tuning every
+    new batch size) changes no crop's probabilities and returns exactly one row per crop."""
+    from wsi_screen.classify import CellClassifier
+    from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
+    from wsi_screen.models.registry import create_model
+
+    torch.manual_seed(0)
+    cfg = BundleConfig(
+        name="pad",
+        task="classification",
+        architecture="mobilenetv3_small_050",
+        input_size=64,
+        mpp=0.25,
+        class_names=["NILM", "LSIL", "HSIL"],
+        abnormal_classes=["LSIL", "HSIL"],
+    )
+    bundle = load_bundle(save_bundle(create_model(cfg.architecture, num_classes=3), cfg, tmp_path / "b").path)
+    cpu = torch.device("cpu")
+    plain = CellClassifier([bundle], device=cpu, batch_size=64)
+    padded = CellClassifier([bundle], device=cpu, batch_size=64, pad_batches=True)
+    assert not plain.pad_batches and padded.pad_batches
+    crops = torch.randint(
+        0, 256, (150, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    for n in (1, 5, 33, 64, 150):  # chunks of 1 → 32, 5 → 32, 33 → 64, 22 → 32 rows
+        got, want = padded.predict(crops[:n]), plain.predict(crops[:n])
+        assert got.shape == (n, 3)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)

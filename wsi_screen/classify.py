@@ -141,8 +141,17 @@ class CellClassifier:
     """One bundle, or several whose probabilities are averaged (an ensemble)."""
 
     def __init__(
-        self, bundles: Sequence[ModelBundle], *, device: torch.device, batch_size: int = 128
+        self,
+        bundles: Sequence[ModelBundle],
+        *,
+        device: torch.device,
+        batch_size: int = 128,
+        pad_batches: bool | None = None,
     ) -> None:
+        """``pad_batches``: pad each forward batch with blank crops to the next power of two (at
+        least 32, at most ``batch_size``), so the model sees a handful of batch shapes rather than
+        one per device batch; default: on CUDA, where cuDNN autotunes every new shape (seconds
+        each for a whole network)."""
         import torch
 
         if not bundles:
@@ -173,6 +182,7 @@ class CellClassifier:
         self.bundles = list(bundles)
         self.device = device
         self.batch_size = int(batch_size)
+        self.pad_batches = device.type == "cuda" if pad_batches is None else bool(pad_batches)
         self.class_names: list[str] = list(first.class_names)
         self.abnormal_classes: list[str] = list(first.abnormal_classes)
         self.input_size = int(first.input_size)
@@ -218,6 +228,10 @@ class CellClassifier:
         with torch.inference_mode(), autocast_context(self.device):
             for start in range(0, n, self.batch_size):
                 chunk = crops[start : start + self.batch_size].to(self.device, non_blocking=True)
+                m = int(chunk.shape[0])
+                if self.pad_batches and m < self.batch_size:
+                    size = min(self.batch_size, max(32, 1 << (m - 1).bit_length()))
+                    chunk = torch.cat([chunk, chunk.new_zeros((size - m, *chunk.shape[1:]))])
                 x = chunk.permute(0, 3, 1, 2).float()
                 if self.device.type != "mps":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -225,5 +239,5 @@ class CellClassifier:
                 for model, (mean, std) in zip(self._models, self._norm, strict=True):
                     logits = model((x - mean) / std)
                     acc += torch.softmax(logits.float(), dim=1)
-                out[start : start + x.shape[0]] = acc / len(self._models)
+                out[start : start + m] = (acc / len(self._models))[:m]
         return out
