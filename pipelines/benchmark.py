@@ -1080,8 +1080,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from wsi_screen.pipeline import load_models
+    from wsi_screen.reader import band_columns, cache_order
     from wsi_screen.runtime import configure_torch, cpu_count, limit_heap_growth, resolve_device
-    from wsi_screen.slide import open_slide
+    from wsi_screen.slide import DEFAULT_CACHE_BYTES, open_slide
     from wsi_screen.tiling import make_grid
     from wsi_screen.tissue import slide_cell_regions
 
@@ -1151,6 +1152,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["raw_decode"] = raw
     slide_mp = raw["megapixels"]
 
+    # The readers take the tiles in the pipeline's order: cache-sized bands on a wide slide.
+    read_order = cache_order(tiles, band_cols=band_columns(grid, DEFAULT_CACHE_BYTES))
     readers: dict[str, Any] = {}
     for variant in [v.strip() for v in args.backends.split(",") if v.strip()]:
         direct = variant in ("direct", "direct-windows")
@@ -1158,7 +1161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"[benchmark] reader: {variant}", flush=True)
         readers[variant] = bench_reader(
             slide_path,
-            tiles,
+            read_order,
             mpp=grid.mpp,
             workers=workers,
             prefetch=settings.reading.queue_tiles,

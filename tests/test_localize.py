@@ -215,3 +215,17 @@ def test_candidate_workers_default_by_device(monkeypatch: pytest.MonkeyPatch) ->
     assert resolve_candidate_workers(None, torch.device("cuda")) == 0  # one spare core: not worth a pool
     with pytest.raises(ValueError, match="candidate_workers"):
         LocalizationSettings(candidate_workers=-1)
+
+
+def test_no_candidate_processes_inside_a_daemonic_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemonic process (a Dask worker, a multiprocessing pool worker) may not start processes."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    bundle = load_bundle(_bundle(tmp_path))
+    settings = LocalizationSettings(candidate_workers=4)
+    assert Localizer(bundle, settings=settings, device=CPU).candidate_workers == 4
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    assert Localizer(bundle, settings=settings, device=CPU).candidate_workers == 0

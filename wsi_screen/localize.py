@@ -230,6 +230,12 @@ class Localizer:
         }
         self.batch_size = int(settings.batch_size)
         self.candidate_workers = resolve_candidate_workers(settings.candidate_workers, device)
+        if self.candidate_workers and multiprocessing.current_process().daemon:
+            logger.info(
+                "candidates are extracted in the device thread: this is a daemonic process (e.g. a "
+                "Dask worker), which cannot start the candidate processes"
+            )
+            self.candidate_workers = 0
         self._pool: ProcessPoolExecutor | None = None
         model = bundle.build_model(device=device)
         if device.type not in ("mps",):
@@ -334,8 +340,9 @@ class Localizer:
         except BrokenProcessPool as exc:
             self._pool = None
             raise RuntimeError(
-                "a candidate-extraction process died (out of memory?); set "
-                "localization.candidate_workers to fewer processes, or 0 to extract in the device thread"
+                "a candidate-extraction process died (out of memory, or a script that screens slides "
+                'without `if __name__ == "__main__":`); guard the script, or set '
+                "localization.candidate_workers to fewer processes (0: extract in the device thread)"
             ) from exc
 
     def close(self) -> None:
