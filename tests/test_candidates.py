@@ -147,3 +147,45 @@ def test_bad_inputs() -> None:
         extract_candidates(np.zeros((8, 8), np.float32), mpp=0.0)
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         extract_candidates(np.zeros((2, 8, 8), np.float32), mpp=0.5)
+
+
+def test_region_distance_transforms_equal_the_whole_map_one() -> None:
+    """``_edt_in`` computes the distance transform in crops around the wanted regions; at their
+    pixels it equals scipy's whole-map transform exactly, also where the nearest zero pixel lies
+    outside a region's box (the crop grows), at map edges, and on dense maps (one whole-map pass)."""
+    from scipy import ndimage
+
+    from wsi_screen.candidates import _edt_in
+
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        h, w = (int(v) for v in rng.integers(20, 160, 2))
+        noise = ndimage.gaussian_filter(rng.random((h, w)), float(rng.uniform(1.5, 5.0)))
+        cut = np.quantile(noise, float(rng.uniform(0.05, 0.95)))
+        inside = noise > cut
+        if trial % 2:  # the relief case: distance from sparse targets, wanted in wide regions
+            inside = ~(noise > np.quantile(noise, 0.97))
+        regions, n = ndimage.label(noise > np.quantile(noise, float(rng.uniform(0.3, 0.9))))
+        ids = [i for i in range(1, n + 1) if rng.random() < 0.7]
+        got = _edt_in(inside, regions, ids)
+        full = ndimage.distance_transform_edt(inside).astype(np.float32)
+        want = np.where(np.isin(regions, ids), full, np.float32(0))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+
+
+def test_label_sums_equal_whole_map_bincounts() -> None:
+    from wsi_screen.candidates import _LabelSums
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 6, (37, 53)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.8] = 0  # sparse, as nuclei are
+    values = rng.random(labels.shape).astype(np.float32)
+    sums = _LabelSums(labels, 5)
+    want = np.bincount(labels.ravel(), weights=values.astype(np.float64).ravel(), minlength=6)
+    np.testing.assert_array_equal(sums.of(values), want[1:])
+    np.testing.assert_array_equal(sums.count()[1:], np.bincount(labels.ravel(), minlength=6)[1:])
+    rows, cols = sums.rows_cols()
+    rr, cc = np.nonzero(labels)
+    np.testing.assert_array_equal(rows, rr + 0.5)
+    np.testing.assert_array_equal(cols, cc + 0.5)
