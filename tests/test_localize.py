@@ -206,13 +206,15 @@ def test_candidate_workers_default_by_device(monkeypatch: pytest.MonkeyPatch) ->
     from wsi_screen import runtime
     from wsi_screen.localize import resolve_candidate_workers
 
+    cuda = torch.device("cuda")
     monkeypatch.setattr(runtime, "cpu_count", lambda: 16)
-    assert resolve_candidate_workers(None, CPU) == 0  # the U-Net's threads already use every core
-    assert resolve_candidate_workers(None, torch.device("cuda")) == 15  # all but the device thread
-    assert resolve_candidate_workers(3, torch.device("cuda")) == 3
-    assert resolve_candidate_workers(0, torch.device("cuda")) == 0
+    assert resolve_candidate_workers(None, CPU, batch_size=32) == 0  # the U-Net's threads use every core
+    assert resolve_candidate_workers(None, cuda, batch_size=32) == 15  # all but the device thread
+    assert resolve_candidate_workers(None, cuda, batch_size=4) == 4  # no more than a batch's tiles
+    assert resolve_candidate_workers(3, cuda, batch_size=32) == 3
+    assert resolve_candidate_workers(0, cuda, batch_size=32) == 0
     monkeypatch.setattr(runtime, "cpu_count", lambda: 2)
-    assert resolve_candidate_workers(None, torch.device("cuda")) == 0  # one spare core: not worth a pool
+    assert resolve_candidate_workers(None, cuda, batch_size=32) == 0  # one spare core: not worth a pool
     with pytest.raises(ValueError, match="candidate_workers"):
         LocalizationSettings(candidate_workers=-1)
 

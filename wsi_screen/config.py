@@ -109,8 +109,8 @@ class LocalizationSettings(_Section):
         le=1024,
         description=(
             "processes extracting candidates from a batch's probability maps in parallel (0: in the "
-            "device thread; None: automatic — every CPU core but one on CUDA/MPS, 0 on the CPU, where "
-            "the U-Net already uses every core)"
+            "device thread; None: automatic — every CPU core but one on CUDA/MPS, at most "
+            "batch_size; 0 on the CPU, where the U-Net already uses every core)"
         ),
     )
 

@@ -229,7 +229,9 @@ class Localizer:
             "cell": float(th.get("cell", 0.5)),
         }
         self.batch_size = int(settings.batch_size)
-        self.candidate_workers = resolve_candidate_workers(settings.candidate_workers, device)
+        self.candidate_workers = resolve_candidate_workers(
+            settings.candidate_workers, device, batch_size=self.batch_size
+        )
         if self.candidate_workers and multiprocessing.current_process().daemon:
             logger.info(
                 "candidates are extracted in the device thread: this is a daemonic process (e.g. a "
@@ -352,19 +354,20 @@ class Localizer:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def resolve_candidate_workers(requested: int | None, device: torch.device) -> int:
+def resolve_candidate_workers(requested: int | None, device: torch.device, *, batch_size: int) -> int:
     """Candidate processes for ``localization.candidate_workers`` on ``device`` (0: none).
 
     Automatic (None): on an accelerator the device thread would otherwise spend most of its time in
     CPU-bound candidate extraction, one tile after another, so every core but the device thread's
-    extracts in parallel; on the CPU the U-Net's own threads already use every core.
+    extracts in parallel — no more processes than a device batch has tiles (``batch_size``), since
+    that is all the work there is at a time; on the CPU the U-Net's own threads already use every core.
     """
     from wsi_screen.runtime import cpu_count
 
     if requested is not None:
         return int(requested)
-    spare = cpu_count() - 1
-    return spare if device.type != "cpu" and spare >= 2 else 0
+    workers = min(cpu_count() - 1, int(batch_size))
+    return workers if device.type != "cpu" and workers >= 2 else 0
 
 
 def _extract_job(job: dict[str, Any]) -> Candidates:
