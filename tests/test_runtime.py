@@ -27,3 +27,27 @@ def test_limit_heap_growth_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WSI_SCREEN_HEAP_TUNING")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")  # the user's own setting wins
     assert limit_heap_growth() is False
+
+
+def test_cpu_bf16_autocast_only_when_asked() -> None:
+    """``runtime.cpu_bf16`` turns bf16 autocast on for CPU inference; by default it stays float32."""
+    from wsi_screen.config import load_settings
+    from wsi_screen.pipeline import load_models
+    from wsi_screen.runtime import autocast_context
+
+    cpu = torch.device("cpu")
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with autocast_context(cpu):
+        assert (a @ b).dtype == torch.float32
+    with autocast_context(cpu, cpu_bf16=True):
+        assert (a @ b).dtype == torch.bfloat16
+    default = load_models(load_settings(), device=cpu)
+    assert not default.localizer.cpu_bf16 and not default.classifier.cpu_bf16
+    fast = load_models(load_settings().with_overrides({"runtime.cpu_bf16": True}), device=cpu)
+    assert fast.localizer.cpu_bf16 and fast.classifier.cpu_bf16
+    crops = torch.randint(
+        0, 256, (4, fast.classifier.input_size, fast.classifier.input_size, 3), dtype=torch.uint8
+    )
+    probs = fast.classifier.predict(crops)
+    assert probs.dtype == torch.float32 and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-2)
+    torch.testing.assert_close(probs, default.classifier.predict(crops), atol=0.05, rtol=0)

@@ -147,11 +147,12 @@ class CellClassifier:
         device: torch.device,
         batch_size: int = 128,
         pad_batches: bool | None = None,
+        cpu_bf16: bool = False,
     ) -> None:
         """``pad_batches``: pad each forward batch with blank crops to the next power of two (at
         least 32, at most ``batch_size``), so the model sees a handful of batch shapes rather than
         one per device batch; default: on CUDA, where cuDNN autotunes every new shape (seconds
-        each for a whole network)."""
+        each for a whole network). ``cpu_bf16``: bf16 autocast on the CPU too (``runtime.cpu_bf16``)."""
         import torch
 
         if not bundles:
@@ -183,6 +184,7 @@ class CellClassifier:
         self.device = device
         self.batch_size = int(batch_size)
         self.pad_batches = device.type == "cuda" if pad_batches is None else bool(pad_batches)
+        self.cpu_bf16 = bool(cpu_bf16)
         self.class_names: list[str] = list(first.class_names)
         self.abnormal_classes: list[str] = list(first.abnormal_classes)
         self.input_size = int(first.input_size)
@@ -225,7 +227,7 @@ class CellClassifier:
         out = torch.zeros((n, len(self.class_names)), dtype=torch.float32, device=self.device)
         if n == 0:
             return out
-        with torch.inference_mode(), autocast_context(self.device):
+        with torch.inference_mode(), autocast_context(self.device, cpu_bf16=self.cpu_bf16):
             for start in range(0, n, self.batch_size):
                 chunk = crops[start : start + self.batch_size].to(self.device, non_blocking=True)
                 m = int(chunk.shape[0])

@@ -228,6 +228,13 @@ class RuntimeSettings(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
     torch_threads: int = Field(0, ge=0, description="0 = torch default")
+    cpu_bf16: bool = Field(
+        False,
+        description=(
+            "bf16 autocast for the models on the CPU too (as on CUDA): 1.3–2.6× faster on CPUs with "
+            "AMX or AVX-512-BF16, slower elsewhere; results change slightly (docs/performance.md)"
+        ),
+    )
 
 
 class Settings(_Section):

@@ -185,7 +185,15 @@ def model_input(
 class Localizer:
     """The U-Net of a localization bundle, ready to run on batches of normalized windows."""
 
-    def __init__(self, bundle: ModelBundle, *, settings: LocalizationSettings, device: torch.device) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        settings: LocalizationSettings,
+        device: torch.device,
+        cpu_bf16: bool = False,
+    ) -> None:
+        """``cpu_bf16``: run the U-Net under bf16 autocast on the CPU too (``runtime.cpu_bf16``)."""
         import torch
 
         from wsi_screen.stain import ReinhardStats
@@ -229,6 +237,7 @@ class Localizer:
             "cell": float(th.get("cell", 0.5)),
         }
         self.batch_size = int(settings.batch_size)
+        self.cpu_bf16 = bool(cpu_bf16)
         self.candidate_workers = resolve_candidate_workers(
             settings.candidate_workers, device, batch_size=self.batch_size
         )
@@ -262,7 +271,7 @@ class Localizer:
         probs: list[torch.Tensor] = []
         ods: list[torch.Tensor] = []
         step = (factor, factor)
-        with torch.inference_mode(), autocast_context(self.device):
+        with torch.inference_mode(), autocast_context(self.device, cpu_bf16=self.cpu_bf16):
             for s in range(0, int(windows.shape[0]), self.batch_size):
                 chunk = windows[s : s + self.batch_size].to(self.device, non_blocking=True)
                 feats, od, step = model_input(chunk, representation=self.representation, factor=factor)

@@ -121,8 +121,11 @@ def load_models(settings: Settings, *, device: torch.device | None = None) -> Mo
     dev = device if device is not None else resolve_device(settings.runtime.device)
     loc_bundle = load_bundle(settings.localization.model, task="localization")
     cls_bundles = [load_bundle(m, task="classification") for m in settings.classification.models]
-    localizer = Localizer(loc_bundle, settings=settings.localization, device=dev)
-    classifier = CellClassifier(cls_bundles, device=dev, batch_size=settings.classification.batch_size)
+    bf16 = settings.runtime.cpu_bf16
+    localizer = Localizer(loc_bundle, settings=settings.localization, device=dev, cpu_bf16=bf16)
+    classifier = CellClassifier(
+        cls_bundles, device=dev, batch_size=settings.classification.batch_size, cpu_bf16=bf16
+    )
     if classifier.needs_mask:
         for b in cls_bundles:
             trained_with = _mask_localizers(b.config.training.get("data", {}))

@@ -123,10 +123,10 @@ def limit_heap_growth(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     return ok
 
 
-def autocast_context(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; a disabled context elsewhere (CPU inference stays float32)."""
+def autocast_context(device: torch.device, *, cpu_bf16: bool = False) -> torch.autocast:
+    """bf16 autocast on CUDA; on the CPU only with ``cpu_bf16`` (``runtime.cpu_bf16``), else float32."""
     import torch
 
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16 and device.type == "cpu")
