@@ -81,12 +81,10 @@ def _seeds_from_marker(marker: F32, threshold: float, min_distance_px: float) ->
         return seeds
     # Blob centroids (row, col), summed over the blob pixels only, in raster order: the same sums as
     # ndimage.center_of_mass over the whole map, a fraction of the work on a sparse map.
-    flat = seeds.ravel()
-    at = np.flatnonzero(flat)
-    lab = flat[at]
-    count = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
-    cy = np.bincount(lab, weights=(at // seeds.shape[1]).astype(np.float64), minlength=n + 1)[1:] / count
-    cx = np.bincount(lab, weights=(at % seeds.shape[1]).astype(np.float64), minlength=n + 1)[1:] / count
+    sums = _LabelSums(seeds, n)
+    count = sums.count()[1:]
+    cy = sums.of_values((sums.at // sums.width).astype(np.float64)) / count
+    cx = sums.of_values((sums.at % sums.width).astype(np.float64)) / count
     from scipy.spatial import cKDTree
 
     pairs = cKDTree(np.stack([cx, cy], axis=1)).query_pairs(min_distance_px, output_type="ndarray")
