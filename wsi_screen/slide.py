@@ -42,6 +42,7 @@ __all__ = [
     "BACKENDS",
     "MPP_PLAUSIBLE_RANGE",
     "Backend",
+    "MppStatus",
     "RegionParts",
     "Slide",
     "SlideInfo",
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 Backend = Literal["openslide", "tiffslide"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+#: Whether a slide's µm/px is usable (see :attr:`SlideInfo.mpp_status`).
+MppStatus = Literal["ok", "implausible", "missing"]
 
 #: µm/px outside this range cannot come from a microscope scan (e.g. TIFF's default 72 dpi → 352.8).
 MPP_PLAUSIBLE_RANGE = (0.02, 50.0)
@@ -74,27 +77,45 @@ class SlideInfo:
     level_count: int
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
-    mpp_x: float
-    mpp_y: float
+    mpp_x: float | None
+    mpp_y: float | None
     mpp_source: Literal["metadata", "override"]
     objective_power: float | None
     associated_images: tuple[str, ...]
     properties: dict[str, str] = field(repr=False, compare=False)
+    #: ``ok``; or, only for a slide opened with ``require_mpp=False``: ``implausible`` (``mpp_x`` and
+    #: ``mpp_y`` hold the stated value) or ``missing`` (they are None).
+    mpp_status: MppStatus = "ok"
+    #: Why the µm/px cannot be used (the error :attr:`mpp` raises); None when ``mpp_status`` is ok.
+    mpp_problem: str | None = field(default=None, compare=False)
+
+    @property
+    def mpp_plausible(self) -> bool:
+        """Whether the µm/px is usable (stated plausibly or overridden)."""
+        return self.mpp_status == "ok"
+
+    def _usable_mpp(self) -> tuple[float, float]:
+        if self.mpp_status != "ok" or self.mpp_x is None or self.mpp_y is None:
+            raise MissingMppError(self.mpp_problem or f"{Path(self.path).name} has no usable µm/px")
+        return self.mpp_x, self.mpp_y
 
     @property
     def mpp(self) -> float:
-        """Isotropic µm/px (mean of x and y)."""
-        return (self.mpp_x + self.mpp_y) / 2.0
+        """Isotropic µm/px (mean of x and y); MissingMppError when it is implausible or missing."""
+        mpp_x, mpp_y = self._usable_mpp()
+        return (mpp_x + mpp_y) / 2.0
 
     @property
     def size_um(self) -> tuple[float, float]:
-        """Physical size of level 0 in µm."""
-        return self.dimensions[0] * self.mpp_x, self.dimensions[1] * self.mpp_y
+        """Physical size of level 0 in µm; MissingMppError when the µm/px is implausible or missing."""
+        mpp_x, mpp_y = self._usable_mpp()
+        return self.dimensions[0] * mpp_x, self.dimensions[1] * mpp_y
 
     def to_dict(self, *, with_properties: bool = False) -> dict[str, Any]:
-        """JSON-serialisable view (``wsi-screen inspect --json``)."""
+        """JSON-serialisable view (``wsi-screen inspect --json``); ``mpp`` is None when unusable."""
         out = asdict(self)
-        out["mpp"] = self.mpp
+        out["mpp"] = self.mpp if self.mpp_plausible else None
+        out["mpp_plausible"] = self.mpp_plausible
         if not with_properties:
             out.pop("properties")
         return out
@@ -564,6 +585,7 @@ class Slide:
         max_dimension: int = DEFAULT_MAX_DIMENSION,
         cache_bytes: int | None = DEFAULT_CACHE_BYTES,
         direct: bool = True,
+        require_mpp: bool = True,
         _shared: _DirectTiff | None = None,
     ) -> None:
         if backend not in BACKENDS:
@@ -578,6 +600,7 @@ class Slide:
         self.path = resolve_slide_path(path)
         self.backend: Backend = backend
         self._mpp_override = mpp
+        self._require_mpp = require_mpp
         self._max_dimension = max_dimension
         self._cache_bytes = cache_bytes
         self._direct_enabled = direct
@@ -615,6 +638,7 @@ class Slide:
             max_dimension=self._max_dimension,
             cache_bytes=self._cache_bytes,
             direct=self._direct_enabled,
+            require_mpp=self._require_mpp,
             _shared=self._direct.share() if self._direct is not None else None,
         )
 
@@ -677,17 +701,25 @@ class Slide:
         if self._mpp_override is not None:
             mpp_x = mpp_y = float(self._mpp_override)
             source = "override"
+        status: MppStatus = "ok"
+        problem: str | None = None
         if mpp_x is None or mpp_y is None:
-            raise MissingMppError(
+            mpp_x = mpp_y = None
+            status = "missing"
+            problem = (
                 f"{self.path.name} has no µm/px metadata; pass --mpp with the scan's pixel size "
                 "(e.g. --mpp 0.25 for 40×, --mpp 0.5 for 20×)"
             )
-        if not all(MPP_PLAUSIBLE_RANGE[0] <= m <= MPP_PLAUSIBLE_RANGE[1] for m in (mpp_x, mpp_y)):
-            raise MissingMppError(
-                f"{self.path.name} states {mpp_x:.4g} µm/px, which no microscope scan has (often a "
+        elif not all(MPP_PLAUSIBLE_RANGE[0] <= m <= MPP_PLAUSIBLE_RANGE[1] for m in (mpp_x, mpp_y)):
+            bad = mpp_x if not MPP_PLAUSIBLE_RANGE[0] <= mpp_x <= MPP_PLAUSIBLE_RANGE[1] else mpp_y
+            status = "implausible"
+            problem = (
+                f"{self.path.name} states {bad:.4g} µm/px, which no microscope scan has (often a "
                 "TIFF default resolution); pass --mpp with the scan's real pixel size"
             )
-        if abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
+        if problem is not None and self._require_mpp:
+            raise MissingMppError(problem)
+        if mpp_x is not None and mpp_y is not None and abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
             logger.warning(
                 "%s has anisotropic pixels (%.4f × %.4f µm); using their mean", self.path.name, mpp_x, mpp_y
             )
@@ -702,12 +734,14 @@ class Slide:
             level_count=int(h.level_count),
             level_dimensions=tuple((int(w), int(hh)) for w, hh in h.level_dimensions),
             level_downsamples=tuple(float(d) for d in h.level_downsamples),
-            mpp_x=float(mpp_x),
-            mpp_y=float(mpp_y),
+            mpp_x=None if mpp_x is None else float(mpp_x),
+            mpp_y=None if mpp_y is None else float(mpp_y),
             mpp_source=source,
             objective_power=_parse_float(props.get(f"{prefix}.objective-power")),
             associated_images=tuple(sorted(str(k) for k in h.associated_images)),
             properties=props,
+            mpp_status=status,
+            mpp_problem=problem,
         )
 
     def _probe(self) -> None:
@@ -725,7 +759,8 @@ class Slide:
 
     @property
     def mpp(self) -> float:
-        """Level-0 µm/px (isotropic)."""
+        """Level-0 µm/px (isotropic); MissingMppError for a slide opened with ``require_mpp=False``
+        whose µm/px is implausible or missing."""
         return self.info.mpp
 
     @property
@@ -1037,6 +1072,7 @@ def open_slide(
     backend: Backend = "openslide",
     mpp: float | None = None,
     max_dimension: int = DEFAULT_MAX_DIMENSION,
+    require_mpp: bool = True,
 ) -> Slide:
     """Open a whole-slide image.
 
@@ -1045,9 +1081,13 @@ def open_slide(
         backend: ``"openslide"`` (default; every vendor format, DICOM) or ``"tiffslide"``.
         mpp: µm/px to use instead of the metadata (``--mpp``).
         max_dimension: refuse slides whose level-0 side is larger (corrupt metadata).
+        require_mpp: refuse a slide whose metadata has no plausible µm/px (and no ``mpp`` is given).
+            False (``wsi-screen inspect``) opens it anyway: :attr:`SlideInfo.mpp_status` says what is
+            wrong, and everything that needs the µm/px (:attr:`Slide.mpp`, reading regions) raises
+            MissingMppError.
 
     Raises:
         SlideNotFoundError, UnsupportedSlideError, CorruptSlideError, CorruptTileError,
         SlideTooLargeError, MissingMppError.
     """
-    return Slide(path, backend=backend, mpp=mpp, max_dimension=max_dimension)
+    return Slide(path, backend=backend, mpp=mpp, max_dimension=max_dimension, require_mpp=require_mpp)

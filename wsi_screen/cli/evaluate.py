@@ -57,7 +57,8 @@ def evaluate(ctx: click.Context, /, **kw: Any) -> None:
     \b
     Data (any mix, as for `wsi-screen train classifier`):
       --data DIR --mpp F [--class-map NAME]      crop folders (Herlev: --mpp 0.201
-                                                 --class-map herlev-bethesda), or saved crop sets
+                                                 --class-map herlev-bethesda), or saved crop sets;
+                                                 --ignore GLOB skips non-class folders (masks)
       --annotations 'ANN/*.geojson' --slides DIR  QuPath annotations, cut as screening cuts them
       --synthetic N                               synthetic slides with exact ground truth
 

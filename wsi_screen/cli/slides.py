@@ -32,11 +32,20 @@ def inspect(
     as_json: bool,
     properties: bool,
 ) -> None:
-    """Show a slide's metadata: size, pyramid levels, µm/px, vendor, associated images."""
+    """Show a slide's metadata: size, pyramid levels, µm/px, vendor, associated images.
+
+    A slide whose µm/px is implausible (e.g. a TIFF's default 72 dpi) or missing is shown too, with
+    the value marked; `run` and `tiles` refuse it unless given --mpp.
+    """
     configure_from_context(ctx)
     from wsi_screen.slide import open_slide
 
-    with open_slide(slide, backend=backend or "openslide", mpp=mpp) as s:  # type: ignore[arg-type]
+    with open_slide(
+        slide,
+        backend=backend or "openslide",  # type: ignore[arg-type]
+        mpp=mpp,
+        require_mpp=False,
+    ) as s:
         info = s.info
         if as_json:
             data = info.to_dict(with_properties=properties)
@@ -44,19 +53,36 @@ def inspect(
             click.echo(json.dumps(data, indent=2))
             return
         w, h = info.dimensions
-        size_um = info.size_um
         rows: list[tuple[str, str]] = [
             ("path", info.path),
             ("backend", info.backend),
             ("vendor", info.vendor or "generic"),
             ("dimensions", _fmt_size(w, h)),
-            ("physical size", f"{size_um[0] / 1000:.2f} × {size_um[1] / 1000:.2f} mm"),
-            ("µm/px", f"{info.mpp_x:.4f} × {info.mpp_y:.4f} ({info.mpp_source})"),
+        ]
+        if info.mpp_plausible:
+            size_um = info.size_um
+            rows += [
+                ("physical size", f"{size_um[0] / 1000:.2f} × {size_um[1] / 1000:.2f} mm"),
+                ("µm/px", f"{info.mpp_x:.4f} × {info.mpp_y:.4f} ({info.mpp_source})"),
+            ]
+        else:
+            if info.mpp_status == "implausible":
+                stated = f"{info.mpp_x:.4g} × {info.mpp_y:.4g} (metadata): IMPLAUSIBLE"
+                why = "no microscope scan has it; often a TIFF default resolution"
+            else:
+                stated, why = "MISSING", "the slide states no pixel size"
+            rows += [
+                ("physical size", "unknown"),
+                ("µm/px", f"{stated} ({why})"),
+                ("run / tiles", "need --mpp with the scan's real pixel size (e.g. 0.25 at 40×, 0.5 at 20×)"),
+            ]
+        rows += [
             ("objective", f"{info.objective_power:g}×" if info.objective_power else "unknown"),
             ("levels", str(info.level_count)),
         ]
-        for level, dims, ds, lmpp in s.iter_levels():
-            rows.append((f"  level {level}", f"{_fmt_size(*dims)}  ↓{ds:.3g}  {lmpp:.3f} µm/px"))
+        for level, (dims, ds) in enumerate(zip(info.level_dimensions, info.level_downsamples, strict=True)):
+            lmpp = f"  {ds * info.mpp:.3f} µm/px" if info.mpp_plausible else ""
+            rows.append((f"  level {level}", f"{_fmt_size(*dims)}  ↓{ds:.3g}{lmpp}"))
         rows.append(("associated", ", ".join(info.associated_images) or "none"))
         rows.append(("fingerprint", s.fingerprint()[:16]))
         if properties:

@@ -52,7 +52,16 @@ def data_options(func: F) -> F:
             default=None,
             metavar="NAME|FILE",
             help="Map folder / QuPath class names to bundle classes: a preset "
-            "(herlev-bethesda, sipakmed-bethesda, cric-bethesda) or a YAML/JSON file.",
+            "(herlev-bethesda, sipakmed-bethesda, cric-bethesda) or a YAML/JSON file "
+            "(a class mapped to null is skipped).",
+        ),
+        click.option(
+            "--ignore",
+            "ignore",
+            multiple=True,
+            metavar="GLOB",
+            help="Skip the folders of --data whose name matches GLOB (e.g. masks, '*_raw'; any depth, "
+            "case-insensitive). Repeatable.",
         ),
         click.option(
             "--annotations",
@@ -124,6 +133,7 @@ DATA_OPTION_NAMES = (
     "data_dirs",
     "mpp",
     "class_map",
+    "ignore",
     "annotations",
     "slides_dir",
     "slide_mpp",
@@ -162,6 +172,7 @@ def crops_from_options(
     progress: bool,
     stain_target: Any = None,
     mask_channel: bool = False,
+    ignore: tuple[str, ...] = (),
 ) -> Any:
     """Load the crops named by :func:`data_options` (a :class:`~wsi_screen.train.data.CropSet`);
     ``mask_channel``: with the nucleus-mask channel (``rgb+mask`` bundles)."""
@@ -189,6 +200,7 @@ def crops_from_options(
         device=device,
         progress=progress,
         mask_channel=mask_channel,
+        ignore=list(ignore),
     )
 
 
@@ -360,7 +372,8 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
 
     \b
     Data (any mix):
-      --data DIR --mpp F [--class-map NAME]      crop folders (Herlev, SIPaKMeD, CRIC exports)
+      --data DIR --mpp F [--class-map NAME]      crop folders (Herlev, SIPaKMeD, CRIC exports);
+                                                 --ignore GLOB skips non-class folders (masks)
       --annotations 'ANN/*.geojson' --slides DIR  QuPath point/polygon annotations on slides
       --synthetic N                               synthetic slides with exact ground truth
 

@@ -36,6 +36,7 @@ slide, patient or source image), which must never be on both sides of a train/va
 from __future__ import annotations
 
 import csv
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -43,6 +44,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -213,8 +215,9 @@ class _ClassResolver:
             return list(self.class_map)
         return list(self.classes) if self.classes is not None else list(BETHESDA_CLASSES)
 
-    def __call__(self, name: str, *, where: str) -> str | None:
-        """The bundle class of ``name`` (None: skip it); raises DataError for an unknown class."""
+    def __call__(self, name: str, *, where: str, hint: str = "") -> str | None:
+        """The bundle class of ``name`` (None: skip it); raises DataError for an unknown class
+        (``hint``, when given, is appended to that message)."""
         if self.class_map is not None:
             if name in self.class_map:
                 target = self.class_map[name]
@@ -222,7 +225,7 @@ class _ClassResolver:
                 target = self._by_norm[_norm_name(name)]
             else:
                 raise DataError(
-                    f"{where}: unknown class {name!r}; the class map knows {', '.join(self.known())}"
+                    f"{where}: unknown class {name!r}; the class map knows {', '.join(self.known())}{hint}"
                 )
         else:
             target = canonical_class(name) or name
@@ -230,7 +233,7 @@ class _ClassResolver:
             if target not in allowed:
                 raise DataError(
                     f"{where}: unknown class {name!r}; expected one of {', '.join(allowed)} "
-                    "(map other names with --class-map)"
+                    f"(map other names with --class-map){hint}"
                 )
         if target is not None and self.classes is not None and target not in self.classes:
             raise DataError(f"{where}: class {name!r} maps to {target!r}, which is not in {self.classes}")
@@ -666,6 +669,12 @@ def _read_manifest(root: Path) -> dict[str, str]:
     return out
 
 
+def _ignored(name: str, patterns: Sequence[str]) -> bool:
+    """Whether the folder ``name`` matches one of the glob ``patterns`` (case-insensitive)."""
+    low = name.lower()
+    return any(fnmatch.fnmatchcase(low, pat.lower()) for pat in patterns)
+
+
 def load_crop_folder(
     root: str | os.PathLike[str],
     *,
@@ -677,6 +686,7 @@ def load_crop_folder(
     stain_target: ReinhardStats | None = None,
     stain: StainMode = "group",
     progress: bool = True,
+    ignore: Sequence[str] = (),
 ) -> CropSet:
     """Read a folder of labelled crops (one sub-folder per class, searched recursively).
 
@@ -684,8 +694,12 @@ def load_crop_folder(
         root: the folder; an optional ``manifest.csv`` gives groups (see the module docstring).
         mpp: µm/px of the crops (Herlev: 0.201).
         class_map: sub-folder name → bundle class (a mapping, a preset name or a file); without one the
-            sub-folder names must be class names (``classes``, default the five Bethesda classes).
+            sub-folder names must be class names (``classes``, default the five Bethesda classes). A
+            sub-folder mapped to None (``null`` in a file) is skipped.
         classes: the allowed bundle classes (None: any mapped class).
+        ignore: glob patterns of folders to skip (``--ignore``, e.g. ``masks``), matched without regard
+            to case against the name of every folder under ``root`` (class folders and the folders
+            inside them).
         target_mpp, size: the bundle's µm/px and input size.
         stain_target: Reinhard target (None: :data:`wsi_screen.stain.DEFAULT_TARGET`); ``stain`` the
             source-statistics mode (:data:`STAIN_MODES`).
@@ -700,13 +714,33 @@ def load_crop_folder(
     cmap = load_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
     resolve = _ClassResolver(cmap, classes)
     manifest = _read_manifest(base)
+    patterns = list(ignore)
     files: list[tuple[Path, str]] = []
     skipped: Counter[str] = Counter()
+    ignored: set[str] = set()
     for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if _ignored(sub.name, patterns):
+            ignored.add(sub.name)
+            continue
+        images = []
+        for p in sorted(sub.rglob("*")):
+            if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+                continue
+            inner = p.relative_to(base).parts[1:-1]
+            hit = next((i for i, part in enumerate(inner) if _ignored(part, patterns)), None)
+            if hit is not None:
+                ignored.add("/".join((sub.name, *inner[: hit + 1])))
+                continue
+            images.append(p)
         if not images:
             continue
-        target = resolve(sub.name, where=f"{base}: folder {sub.name!r}")
+        quoted = shlex.quote(sub.name)
+        target = resolve(
+            sub.name,
+            where=f"{base}: folder {sub.name!r}",
+            hint=f"; to skip the folder, pass --ignore {quoted} or map it to null in a --class-map "
+            f"file ({sub.name}: null)",
+        )
         if target is None:
             skipped[sub.name] += len(images)
             continue
@@ -715,6 +749,8 @@ def load_crop_folder(
         raise DataError(f"{base}: no labelled images (expected one sub-folder of images per class)")
     if skipped:
         logger.info("skipped by the class map: %s", dict(skipped))
+    if ignored:
+        logger.info("ignored folders: %s", ", ".join(sorted(ignored)))
     groups: list[str] = []
     for p, _ in files:
         rel = p.relative_to(base).as_posix()
@@ -740,6 +776,7 @@ def load_crop_folder(
         "source_mpp": mpp,
         "class_map": cmap if cmap is None else {k: v for k, v in cmap.items()},
         "folders": dict(Counter(p.relative_to(base).parts[0] for p, _ in files)),
+        "ignored": sorted(ignored),
         "groups_from": "manifest.csv" if manifest else "file",
         "stain": stain,
         "stain_target": None if stain == "none" else target_stats.to_dict(),
@@ -767,8 +804,10 @@ def load_crops(
     stain_target: ReinhardStats | None = None,
     stain: StainMode = "group",
     progress: bool = True,
+    ignore: Sequence[str] = (),
 ) -> CropSet:
-    """A saved :class:`CropSet` folder as is, or a crop folder via :func:`load_crop_folder`."""
+    """A saved :class:`CropSet` folder as is, or a crop folder via :func:`load_crop_folder`
+    (``ignore``: its folders to skip; a saved crop set has none)."""
     if CropSet.is_cropset(path):
         cs = CropSet.load(path)
         if not math.isclose(cs.mpp, target_mpp, rel_tol=1e-3) or cs.size != size:
@@ -806,6 +845,7 @@ def load_crops(
         stain_target=stain_target,
         stain=stain,
         progress=progress,
+        ignore=ignore,
     )
 
 
@@ -1553,8 +1593,11 @@ def collect_crops(
     device: str = "auto",
     progress: bool = True,
     mask_channel: bool = False,
+    ignore: Sequence[str] = (),
 ) -> CropSet:
     """Crops from any mix of crop folders / saved crop sets, QuPath annotations and synthetic slides.
+
+    ``ignore``: glob patterns of folders of the crop folders to skip (:func:`load_crop_folder`).
 
     ``annotations`` needs ``slides_dir``; ``synthetic`` slides need the localization bundle named in
     ``settings.localization.model`` (``nuclei-unet-v1`` by default) and cache their crops in
@@ -1583,6 +1626,7 @@ def collect_crops(
             stain_target=stain_target,
             stain=stain,
             progress=progress,
+            ignore=ignore,
         )
         if part.channels != want:
             raise DataError(
