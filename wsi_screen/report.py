@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from wsi_screen import __version__
 from wsi_screen.cells import CellTable, abnormality_score
 from wsi_screen.geojson import class_color
 
-__all__ = ["build_report", "heatmap_grid", "write_report"]
+__all__ = [
+    "MarkerLabel",
+    "build_report",
+    "heatmap_grid",
+    "layout_marker_labels",
+    "overview_width_px",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +45,12 @@ _THUMB_MAX = 1100
 _CROP_PX = 192
 #: Heat-map squares whose highest cell score is below this stay transparent.
 _HEAT_MIN = 0.25
-#: Gallery cells marked on the thumbnail.
-_MAX_MARKERS = 24
+#: Most opaque a heat-map square gets (its highest score 1): the slide stays visible under it.
+_HEAT_MAX_ALPHA = 0.40
+#: Least opaque a shown square gets (score at ``_HEAT_MIN``).
+_HEAT_MIN_ALPHA = 0.12
+#: Gallery cells marked on the thumbnail (the gallery's default size, output.top_n).
+_MAX_MARKERS = 48
 
 _TRIAGE_STYLE = {
     "priority": ("#b71c1c", "Priority review"),
@@ -126,7 +138,8 @@ def _heat_rgba(grid: NDArray[np.float32], size: tuple[int, int], square_px: floa
     frac = (t - lo)[..., None]
     rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
     shown = (s >= _HEAT_MIN) & np.isfinite(grid)
-    alpha = np.where(shown, 60 + 170 * np.clip((s - _HEAT_MIN) / (1 - _HEAT_MIN), 0, 1), 0)
+    ramp = np.clip((s - _HEAT_MIN) / (1 - _HEAT_MIN), 0, 1)
+    alpha = np.where(shown, 255 * (_HEAT_MIN_ALPHA + (_HEAT_MAX_ALPHA - _HEAT_MIN_ALPHA) * ramp), 0)
     rgba = np.dstack([rgb, alpha]).astype(np.uint8)
     gh, gw = grid.shape
     big = Image.fromarray(rgba, mode="RGBA").resize(
@@ -136,6 +149,240 @@ def _heat_rgba(grid: NDArray[np.float32], size: tuple[int, int], square_px: floa
     arr = np.asarray(big)[: size[1], : size[0]]
     out[: arr.shape[0], : arr.shape[1]] = arr
     return out
+
+
+# -- marker labels ---------------------------------------------------------------------------------
+#: Page geometry of ``_CSS`` that decides how wide the overview is shown (see overview_width_px).
+_PAGE_MAX_PX = 1280
+_PAGE_PAD_PX = 24
+_GRID_ONE_COLUMN_PX = 900  # at or below this viewport width the grid is one column
+_GRID_GAP_PX = 20
+_GRID_LEFT_FR, _GRID_RIGHT_FR = 1.5, 1.0
+_PANEL_PAD_PX = 18
+_PANEL_BORDER_PX = 1
+#: Label layouts, one per range of displayed overview width (min px, layout px): the layout is made
+#: for ``layout px`` and, being drawn in the overview's own pixels, scales with the image, so it holds
+#: (no label overlaps another) at any width; the ranges only keep the text between ~9 and ~19 px.
+#: A CSS container query shows the layout of the overview's current width (the page shows it at
+#: 230–820 px; wider when the page is zoomed out or the layout changes).
+_LABEL_TIERS: tuple[tuple[float, float], ...] = ((900.0, 900.0), (600.0, 600.0), (400.0, 400.0), (0.0, 300.0))
+#: Label text size and marker radius at the layout width, px.
+_LABEL_FONT_PX = 12.0
+_MARKER_PX = 7.0
+#: Ranks on one line of a clustered label (at most this many characters).
+_LABEL_LINE_CHARS = 14
+
+
+def overview_width_px(viewport_px: float) -> float:
+    """Width (CSS px) at which the page shows the slide overview in a viewport ``viewport_px`` wide.
+
+    Mirrors ``_CSS``: the page is at most 1280 px wide with 24 px padding; above 900 px the overview is
+    the wider (1.5 fr of 2.5) of two columns 20 px apart, at or below it the only one; the panel has
+    18 px padding and a 1 px border.
+    """
+    inner = min(float(viewport_px), _PAGE_MAX_PX) - 2 * _PAGE_PAD_PX
+    if viewport_px > _GRID_ONE_COLUMN_PX:
+        inner = (inner - _GRID_GAP_PX) * _GRID_LEFT_FR / (_GRID_LEFT_FR + _GRID_RIGHT_FR)
+    return max(1.0, inner - 2 * (_PANEL_PAD_PX + _PANEL_BORDER_PX))
+
+
+@dataclass(frozen=True)
+class MarkerLabel:
+    """One label of the overview, in overview (thumbnail) pixels.
+
+    ``lines`` are the ranks it names, line by line (one rank unless close markers were clustered);
+    ``box`` is (x0, y0, x1, y1); ``anchor`` is the marker, or the centre of the clustered markers,
+    and ``radius`` reaches every marker of the cluster; ``leader`` is the line from the markers to the
+    box, None when the box is next to them.
+    """
+
+    lines: tuple[tuple[int, ...], ...]
+    box: tuple[float, float, float, float]
+    anchor: tuple[float, float]
+    radius: float
+    leader: tuple[float, float, float, float] | None
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(r for line in self.lines for r in line)
+
+
+def _label_lines(ranks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    lines: list[list[int]] = [[]]
+    for r in sorted(ranks):
+        if lines[-1] and len(_line_text([*lines[-1], r])) > _LABEL_LINE_CHARS:
+            lines.append([])
+        lines[-1].append(r)
+    return tuple(tuple(line) for line in lines)
+
+
+def _label_metrics(font_px: float) -> tuple[float, float, float]:
+    """(horizontal padding, vertical padding, line height) of a label, px."""
+    return 0.35 * font_px, 0.18 * font_px, 1.2 * font_px
+
+
+def _line_text(line: Sequence[int]) -> str:
+    return ", ".join(map(str, line))
+
+
+def _text_em(text: str) -> float:
+    """Width of ``text`` in bold sans-serif, em (digits 0.6, comma and space 0.3); the SVG text gets it
+    as its textLength, so a font a little wider or narrower still fills exactly its box."""
+    return sum(0.6 if ch.isdigit() else 0.3 for ch in text)
+
+
+def _label_size(lines: Sequence[Sequence[int]], font_px: float) -> tuple[float, float]:
+    pad_x, pad_y, line_h = _label_metrics(font_px)
+    text_w = max(_text_em(_line_text(line)) for line in lines) * font_px
+    return text_w + 2 * pad_x, len(lines) * line_h + 2 * pad_y
+
+
+def _directions(n: int = 16) -> NDArray[np.float64]:
+    """Unit vectors, right first, then the diagonals and the rest (a reader looks right, then up)."""
+    order = [0, 2, 14, 4, 12, 6, 10, 8, 1, 15, 3, 13, 5, 11, 7, 9]
+    ang = np.array([-2 * math.pi * k / n for k in order[:n]])
+    return np.stack([np.cos(ang), np.sin(ang)], axis=1)
+
+
+def layout_marker_labels(
+    markers: Sequence[tuple[int, float, float]],
+    *,
+    size: tuple[int, int],
+    display_width: float,
+    font_px: float = _LABEL_FONT_PX,
+    marker_px: float = _MARKER_PX,
+) -> list[MarkerLabel]:
+    """Place one label per marker, or per cluster of close markers, so that no two labels overlap.
+
+    Args:
+        markers: (rank, x, y) in overview pixels.
+        size: the overview's (width, height) in pixels.
+        display_width: the width the overview is shown at, px; ``font_px`` and ``marker_px`` (the
+            text size and the marker radius) are at that width.
+
+    Markers closer than a marker's diameter (or the text size) share one label ("7, 16, 18", on
+    several lines when long). Labels are placed greedily, best rank first, on rings of candidate
+    positions around their markers (right, the diagonals, above, ..., then farther out with a leader
+    line), inside the overview, off the other labels and, where possible, off the other markers. A
+    label with no free position is merged with its nearest neighbour and the placement starts over,
+    so it always ends (at worst in one label). Returns the labels in overview pixels, best rank first.
+    """
+    w, h = max(1, int(size[0])), max(1, int(size[1]))
+    if not markers or display_width <= 0:
+        return []
+    s = display_width / w
+    W, H = w * s, h * s
+    ranks = [int(m[0]) for m in markers]
+    pts = np.array([[min(max(float(m[1]), 0.0), w) * s, min(max(float(m[2]), 0.0), h) * s] for m in markers])
+    n = len(ranks)
+
+    # Clusters of markers closer than merge_px (single linkage).
+    merge_px = max(2 * marker_px, font_px)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    d = np.hypot(pts[:, None, 0] - pts[None, :, 0], pts[:, None, 1] - pts[None, :, 1])
+    for i, j in zip(*np.nonzero(np.triu(d < merge_px, 1)), strict=True):
+        parent[find(int(i))] = find(int(j))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    clusters = sorted(groups.values(), key=lambda g: min(ranks[i] for i in g))
+
+    dirs = _directions()
+    gap = 2.0
+    step = 0.9 * font_px
+    rings = 1 + int(8 * font_px / step)
+    circles = np.column_stack([pts, np.full(n, marker_px)])
+
+    def place(cluster: list[int], placed: list[tuple[float, float, float, float]]) -> MarkerLabel | None:
+        c = pts[cluster].mean(axis=0)
+        radius = float(np.max(np.hypot(*(pts[cluster] - c).T))) + marker_px
+        lines = _label_lines([ranks[i] for i in cluster])
+        bw, bh = _label_size(lines, font_px)
+        g = radius + gap + step * np.arange(rings)[:, None, None]  # (rings, 1, 1)
+        u = dirs[None, :, :]  # (1, dirs, 2)
+        sgn = np.clip(u * math.sqrt(2), -1, 1)
+        half = np.array([bw / 2, bh / 2])
+        centre = (c + g * u + sgn * half).reshape(-1, 2)
+        ring = np.repeat(np.arange(rings), len(dirs)).astype(np.float64)
+        order = np.tile(np.arange(len(dirs)), rings).astype(np.float64)
+        boxes = np.column_stack([centre - half, centre + half])
+        ok = (boxes[:, 0] >= 1) & (boxes[:, 1] >= 1) & (boxes[:, 2] <= W - 1) & (boxes[:, 3] <= H - 1)
+        if placed:
+            p = np.asarray(placed)
+            hit = (
+                (boxes[:, None, 0] < p[None, :, 2] + 1)
+                & (boxes[:, None, 2] > p[None, :, 0] - 1)
+                & (boxes[:, None, 1] < p[None, :, 3] + 1)
+                & (boxes[:, None, 3] > p[None, :, 1] - 1)
+            )
+            ok &= ~hit.any(axis=1)
+        if not ok.any():
+            return None
+        # Markers a box would cover (its own cluster's too): nearest point of the box to each circle.
+        nx = np.clip(circles[None, :, 0], boxes[:, None, 0], boxes[:, None, 2])
+        ny = np.clip(circles[None, :, 1], boxes[:, None, 1], boxes[:, None, 3])
+        covered = (np.hypot(nx - circles[None, :, 0], ny - circles[None, :, 1]) < circles[None, :, 2]).sum(1)
+        cost = ring * step + 0.05 * order + 4 * font_px * covered
+        k = int(np.argmin(np.where(ok, cost, np.inf)))
+        x0, y0, x1, y1 = (float(v) for v in boxes[k])
+        leader = None
+        if ring[k] > 0:
+            bx, by = min(max(c[0], x0), x1), min(max(c[1], y0), y1)
+            dist = math.hypot(bx - c[0], by - c[1])
+            if dist > radius + 1:
+                sx, sy = c[0] + (bx - c[0]) * radius / dist, c[1] + (by - c[1]) * radius / dist
+                leader = (sx / s, sy / s, bx / s, by / s)
+        return MarkerLabel(
+            lines=lines,
+            box=(x0 / s, y0 / s, x1 / s, y1 / s),
+            anchor=(float(c[0]) / s, float(c[1]) / s),
+            radius=radius / s,
+            leader=leader,
+        )
+
+    while True:
+        placed: list[tuple[float, float, float, float]] = []
+        labels: list[MarkerLabel] = []
+        failed = -1
+        for ci, cluster in enumerate(clusters):
+            label = place(cluster, placed)
+            if label is None:
+                failed = ci
+                break
+            labels.append(label)
+            x0, y0, x1, y1 = label.box
+            placed.append((x0 * s, y0 * s, x1 * s, y1 * s))
+        if failed < 0:
+            return labels
+        if len(clusters) == 1:  # one label larger than the overview: top left, alone
+            lines = _label_lines(ranks)
+            bw, bh = _label_size(lines, font_px)
+            c = pts.mean(axis=0)
+            radius = float(np.max(np.hypot(*(pts - c).T))) + marker_px
+            return [
+                MarkerLabel(
+                    lines=lines,
+                    box=(0.0, 0.0, bw / s, bh / s),
+                    anchor=(float(c[0]) / s, float(c[1]) / s),
+                    radius=radius / s,
+                    leader=None,
+                )
+            ]
+        # Merge the cluster that found no room with its nearest neighbour (centre to centre).
+        bad = clusters[failed]
+        cb = pts[bad].mean(axis=0)
+        others = [k for k in range(len(clusters)) if k != failed]
+        near = min(others, key=lambda k: float(np.hypot(*(pts[clusters[k]].mean(axis=0) - cb))))
+        merged = clusters[near] + bad
+        clusters = [cl for k, cl in enumerate(clusters) if k not in (failed, near)] + [merged]
+        clusters.sort(key=lambda g: min(ranks[i] for i in g))
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -221,32 +468,98 @@ def _thumbnail_section(
     square = max(heatmap_um / mpp, 2.0)
     grid = heatmap_grid(cells.x, cells.y, score, shape=(h, w), px_per_level0=px_per_l0, square_px=square)
     heat = _heat_rgba(grid, (w, h), square)
-    markers = []
-    r = max(6.0, 0.012 * max(w, h))
-    for cell in top_cells[:_MAX_MARKERS]:
-        cx, cy = float(cell["x"]) * px_per_l0, float(cell["y"]) * px_per_l0
-        markers.append(
-            f'<g><circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r:.1f}" class="mk"/>'
-            f'<text x="{cx + r + 2:.1f}" y="{cy - r * 0.3:.1f}" class="mt">{int(cell["rank"])}</text></g>'
-        )
+    marks_svg = _markers_svg(top_cells[:_MAX_MARKERS], (w, h), px_per_l0)
     scale_um = _nice_scale_um(w * mpp * 0.2)
     scale_px = scale_um / mpp
     scale_label = f"{scale_um / 1000:g} mm" if scale_um >= 1000 else f"{scale_um:g} µm"
+    # Drawn in this order, each over the last: the slide, the translucent heat map, the markers.
     return (
         '<div class="thumbwrap"><input type="checkbox" id="heat" checked>'
-        '<label for="heat" class="toggle">Heat map</label>'
+        '<label for="heat" class="toggle" title="Show or hide the heat map">Heat map</label>'
+        '<span class="muted hint">click a marker for its cell below, a cell\'s crop for its marker</span>'
         f'<div class="thumb" style="aspect-ratio:{w}/{h}">'
         f'<img class="base" alt="slide thumbnail" src="{_data_uri(thumb, quality=85)}">'
         f'<img class="heat" alt="" src="{_data_uri(heat, fmt="PNG")}">'
-        f'<svg class="marks" viewBox="0 0 {w} {h}" preserveAspectRatio="none">{"".join(markers)}</svg>'
+        f'<svg class="marks" viewBox="0 0 {w} {h}" preserveAspectRatio="none">{marks_svg}</svg>'
         "</div>"
         '<div class="legend"><span>cell score</span><span>0</span><span class="ramp"></span>'
         '<span class="ramp-end">1</span>'
         f'<span class="scalebar" style="width:{100 * scale_px / w:.2f}%"></span>'
         f"<span>{_e(scale_label)}</span>"
         f"<span class='muted'>squares of {heatmap_um:g} µm show the highest cell score inside "
-        f"(clear below {_HEAT_MIN:g})</span></div>"
+        f"(clear below {_HEAT_MIN:g}, at most {100 * _HEAT_MAX_ALPHA:g} % opaque)</span></div>"
         "</div>"
+    )
+
+
+def _markers_svg(cells: Sequence[Mapping[str, Any]], size: tuple[int, int], px_per_l0: float) -> str:
+    """The marker circles (one per cell) and, per width range, a layer of labels that never overlap."""
+    w, h = size
+    if not cells:
+        return ""
+    ref_px = 600.0
+    r = _MARKER_PX * w / ref_px  # overview px; shown at _MARKER_PX when the overview is 600 px wide
+    markers: list[tuple[int, float, float]] = []
+    circles = []
+    for k, cell in enumerate(cells):
+        rank = int(cell.get("rank", k + 1))
+        cx = min(max(float(cell["x"]) * px_per_l0, 0.0), float(w))
+        cy = min(max(float(cell["y"]) * px_per_l0, 0.0), float(h))
+        markers.append((rank, cx, cy))
+        score = cell.get("score")
+        tip = f"#{rank} {cell.get('class', '?')}" + (
+            f" · score {float(score):.3f}" if isinstance(score, (int, float)) else ""
+        )
+        circles.append(
+            f'<a href="#cell-{rank}"><circle id="marker-{rank}" class="mk" cx="{cx:.2f}" cy="{cy:.2f}" '
+            f'r="{r:.2f}"><title>{_e(tip)}</title></circle></a>'
+        )
+    layers = []
+    for i, (lo, ref) in enumerate(_LABEL_TIERS):
+        hi = _LABEL_TIERS[i - 1][0] if i else math.inf
+        labels = layout_marker_labels(
+            markers, size=size, display_width=ref, font_px=_LABEL_FONT_PX, marker_px=_MARKER_PX * ref / ref_px
+        )
+        layers.append(_labels_svg(labels, i, lo, hi, ref, ref / w))
+    return f'<g class="mks">{"".join(circles)}</g>{"".join(layers)}'
+
+
+def _labels_svg(
+    labels: Sequence[MarkerLabel], tier: int, lo: float, hi: float, layout_px: float, scale: float
+) -> str:
+    """One layer of labels (overview px), shown while the overview is ``lo``–``hi`` px wide.
+
+    ``scale``: displayed px per overview px at ``layout_px``, the width the layout was made for.
+    """
+    pad_x, pad_y, line_h = (v / scale for v in _label_metrics(_LABEL_FONT_PX))
+    font = _LABEL_FONT_PX / scale
+    rings, leaders, boxes = [], [], []
+    for lab in labels:
+        x0, y0, x1, y1 = lab.box
+        if len(lab.ranks) > 1:
+            ax, ay = lab.anchor
+            rings.append(f'<circle class="ring" cx="{ax:.2f}" cy="{ay:.2f}" r="{lab.radius:.2f}"/>')
+        if lab.leader is not None:
+            lx0, ly0, lx1, ly1 = lab.leader
+            leaders.append(f'<line class="ld" x1="{lx0:.2f}" y1="{ly0:.2f}" x2="{lx1:.2f}" y2="{ly1:.2f}"/>')
+        text = []
+        for j, line in enumerate(lab.lines):
+            text_w = _text_em(_line_text(line)) * font
+            links = ", ".join(f'<a href="#cell-{r}">{r}</a>' for r in line)
+            baseline = y0 + pad_y + j * line_h + (line_h + 0.72 * font) / 2
+            text.append(
+                f'<text class="mt" x="{x0 + pad_x:.2f}" y="{baseline:.2f}" font-size="{font:.2f}" '
+                f'textLength="{text_w:.2f}" lengthAdjust="spacingAndGlyphs">{links}</text>'
+            )
+        boxes.append(
+            f'<g class="lab" data-ranks="{" ".join(map(str, lab.ranks))}">'
+            f'<rect class="lb" x="{x0:.2f}" y="{y0:.2f}" width="{x1 - x0:.2f}" height="{y1 - y0:.2f}" '
+            f'rx="{0.25 * font:.2f}"/>{"".join(text)}</g>'
+        )
+    max_attr = "" if math.isinf(hi) else f' data-max-px="{hi:g}"'
+    return (
+        f'<g class="lay lay{tier}" data-min-px="{lo:g}"{max_attr} data-layout-px="{layout_px:g}" '
+        f'data-font-px="{_LABEL_FONT_PX:g}">{"".join(rings)}{"".join(leaders)}{"".join(boxes)}</g>'
     )
 
 
@@ -267,6 +580,7 @@ def _crop_card(
     read_crop: ReadCrop | None,
     slide_mpp: float,
     crop_um: float,
+    marked: bool = True,
 ) -> str:
     from PIL import Image
 
@@ -306,9 +620,16 @@ def _crop_card(
         if isinstance(v, (int, float)) and math.isfinite(float(v)):
             extra.append(f"{label} {float(v):.3g}{(' ' + unit) if unit else ''}")
     conf = "" if cell.get("confident", True) else ' <span class="muted">(low confidence)</span>'
+    rank = int(cell.get("rank", 0))
+    crop_html = f'{image_html}{svg}<span class="rank">#{rank}</span>'
+    if marked:
+        tip = "Show on the slide overview"
+        crop_html = f'<a class="crop" href="#marker-{rank}" title="{tip}">{crop_html}</a>'
+    else:
+        crop_html = f'<div class="crop">{crop_html}</div>'
     return (
-        '<figure class="card">'
-        f'<div class="crop">{image_html}{svg}<span class="rank">#{int(cell.get("rank", 0))}</span></div>'
+        f'<figure class="card" id="cell-{rank}">'
+        f"{crop_html}"
         f"<figcaption><div class='ch'>{_class_badge(cls)}{conf}"
         f'<span class="score">score <b>{_e(score_txt)}</b></span></div>'
         f"{_prob_bars(cell.get('probs') or {}, class_names)}"
@@ -339,19 +660,29 @@ section.panel{background:#fff;border:1px solid #e2e8f0;border-radius:12px;paddin
 section.panel+section.panel{margin-top:20px}
 h2{font-size:13px;text-transform:uppercase;letter-spacing:.07em;color:#475569;margin:0 0 12px}
 .thumbwrap{position:relative}
-.thumb{position:relative;width:100%;background:#e2e8f0;border-radius:8px;overflow:hidden}
+.thumb{position:relative;width:100%;background:#e2e8f0;border-radius:8px;overflow:hidden;
+ container-type:inline-size;margin-top:8px}
 .thumb img,.thumb svg{position:absolute;inset:0;width:100%;height:100%}
 .thumb img.heat{image-rendering:pixelated}
-#heat{position:absolute;opacity:0;pointer-events:none}
+#heat{position:absolute;opacity:0;width:1px;height:1px}
 #heat:not(:checked)~.thumb .heat{display:none}
-.toggle{position:absolute;top:8px;right:8px;z-index:2;background:rgba(15,23,42,.75);color:#fff;
- font-size:12px;padding:4px 10px;border-radius:999px;cursor:pointer;user-select:none}
-#heat:not(:checked)~.toggle{background:rgba(100,116,139,.75);text-decoration:line-through}
-.mk{fill:none;stroke:#0f172a;stroke-width:2.5;vector-effect:non-scaling-stroke}
-.mt{font:700 13px system-ui,sans-serif;fill:#0f172a;paint-order:stroke;stroke:#fff;stroke-width:3px}
+.toggle{display:inline-block;background:#b71c1c;color:#fff;font-size:12px;padding:3px 10px;
+ border-radius:999px;cursor:pointer;user-select:none}
+.toggle::before{content:"\\2713\\a0"}
+#heat:not(:checked)~.toggle{background:#64748b}
+#heat:not(:checked)~.toggle::before{content:""}
+#heat:focus-visible~.toggle{outline:2px solid #00e5ff;outline-offset:2px}
+.hint{font-size:12px;margin-left:10px}
+.mk{fill:rgba(255,255,255,.01);stroke:#0f172a;stroke-width:2;vector-effect:non-scaling-stroke}
+.mk:target{stroke:#00b8d4;stroke-width:4}
+.ring{fill:none;stroke:#0f172a;stroke-width:1;stroke-dasharray:3 2;vector-effect:non-scaling-stroke}
+.ld{stroke:#0f172a;stroke-width:1.2;vector-effect:non-scaling-stroke}
+.lb{fill:rgba(255,255,255,.92);stroke:#0f172a;stroke-width:1;vector-effect:non-scaling-stroke}
+.mt{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;font-weight:700;fill:#0f172a}
+.mt a:hover{fill:#b71c1c;text-decoration:underline}
 .legend{display:flex;align-items:center;gap:8px;flex-wrap:wrap;font-size:12px;color:#475569;margin-top:8px}
 .ramp{display:inline-block;width:120px;height:10px;border-radius:3px;
- background:linear-gradient(90deg,rgba(255,235,59,.5),#ff9800,#d32f2f)}
+ background:linear-gradient(90deg,rgba(255,235,59,.12),rgba(255,152,0,.26),rgba(211,47,47,.4))}
 .ramp-end{margin-right:16px}
 .scalebar{display:inline-block;height:4px;background:#0f172a;min-width:20px;max-width:200px}
 .muted{color:#64748b}
@@ -374,7 +705,8 @@ ul.qc li:last-child{border:0}
 .qcname{font-weight:600;min-width:170px}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:14px}
 figure.card{margin:0;background:#fff;border:1px solid #e2e8f0;border-radius:10px;overflow:hidden}
-.crop{position:relative;aspect-ratio:1/1;background:#f8fafc}
+figure.card:target{outline:3px solid #00b8d4;outline-offset:1px}
+.crop{position:relative;display:block;aspect-ratio:1/1;background:#f8fafc}
 .crop img,.crop svg{position:absolute;inset:0;width:100%;height:100%}
 .ol{fill:none;stroke:#00e5ff;stroke-width:1.6;vector-effect:non-scaling-stroke;stroke-opacity:.95}
 .rank{position:absolute;top:6px;left:6px;background:rgba(15,23,42,.8);color:#fff;font-size:11px;
@@ -394,6 +726,13 @@ figcaption{padding:8px 10px 10px}
 code{font-size:12px;word-break:break-all}
 footer{margin:24px 0 8px;color:#64748b;font-size:12px;text-align:center}
 """
+# Which label layer shows at which overview width: container queries on .thumb (a browser without
+# them shows the widest layout, smaller but still without overlaps).
+_CSS += ".lay{display:none}.lay0{display:inline}\n" + "".join(
+    f"@container (max-width:{_LABEL_TIERS[i - 1][0] - 0.02:g}px)"
+    f"{{.lay{i - 1}{{display:none}}.lay{i}{{display:inline}}}}\n"
+    for i in range(1, len(_LABEL_TIERS))
+)
 
 
 def build_report(
@@ -532,7 +871,10 @@ def build_report(
     )
 
     # Gallery.
-    cards = [_crop_card(c, cells, names, read_crop, slide_mpp, crop_um) for c in top_cells]
+    cards = [
+        _crop_card(c, cells, names, read_crop, slide_mpp, crop_um, marked=k < _MAX_MARKERS)
+        for k, c in enumerate(top_cells)
+    ]
     gallery_html = (
         f'<div class="gallery">{"".join(cards)}</div>'
         if cards
