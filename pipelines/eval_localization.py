@@ -331,6 +331,179 @@ def bench_coverage(args: argparse.Namespace, localizer: Any, device: Any, work: 
     return out
 
 
+HERLEV_GROUPS = {
+    "normal": ("normal_superficiel", "normal_intermediate", "normal_columnar"),
+    "light_dysplastic": ("light_dysplastic",),
+    "moderate_dysplastic": ("moderate_dysplastic",),
+    "severe_dysplastic": ("severe_dysplastic",),
+    "carcinoma_in_situ": ("carcinoma_in_situ",),
+}
+
+
+def score_slide(
+    cells_zarr: Path, truth_npz: Path, *, hit_dilation_um: float = 1.0, band_um: float = 6.0
+) -> dict[str, Any]:
+    """Recall per kind, precision, nucleus Dice and edge-band recall of one real-cell slide.
+
+    A true nucleus is found when a detection's centre lies inside its mask dilated by
+    ``hit_dilation_um`` (the masks are uncertain by a few pixels); each nucleus takes at most one
+    detection and each detection at most one nucleus, so over-detection counts as false positives.
+    Dice compares each matched detection's outline with its true mask. Edge band: true nuclei whose
+    centre is within ``band_um`` of an inner tile edge of the grid that ``run_slide`` processed.
+    """
+    from scipy.ndimage import grey_dilation
+    from skimage.draw import polygon as draw_polygon
+    from skimage.measure import regionprops
+
+    from wsi_screen.store import read_cells, read_tiles
+
+    truth = np.load(truth_npz)
+    labels = truth["nuclei"]
+    kinds = [str(k) for k in truth["kind"]]
+    mpp = float(truth["mpp"])
+    cells, _ = read_cells(cells_zarr)
+    tiles = read_tiles(cells_zarr)
+    r = max(1, round(hit_dilation_um / mpp))
+    fp_struct = np.ones((2 * r + 1, 2 * r + 1), bool)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    fp_struct = (yy * yy + xx * xx) <= r * r
+    dil = grey_dilation(labels, footprint=fp_struct)
+    dil = np.where(labels > 0, labels, dil)
+    H, W = labels.shape
+    xs = np.clip(np.round(cells.x).astype(np.int64), 0, W - 1)
+    ys = np.clip(np.round(cells.y).astype(np.int64), 0, H - 1)
+    hit_label = dil[ys, xs]
+    n_true = len(kinds) - 1
+    owner = np.full(n_true + 1, -1, np.int64)
+    # Closest detection to the nucleus centre wins (deterministic one-to-one assignment).
+    props = {p.label: p for p in regionprops(labels.astype(np.int64))}
+    cent = np.zeros((n_true + 1, 2))
+    for lab, p in props.items():
+        cent[lab] = (p.centroid[1], p.centroid[0])
+    d = np.hypot(cells.x - cent[hit_label, 0], cells.y - cent[hit_label, 1])
+    for i in np.argsort(d, kind="stable"):
+        lab = int(hit_label[i])
+        if lab > 0 and owner[lab] < 0:
+            owner[lab] = i
+    found = owner[1:] >= 0
+    kind_arr = np.asarray(kinds[1:])
+    present = np.zeros(n_true, bool)
+    for lab in props:
+        present[lab - 1] = True
+    per_kind: dict[str, list[int]] = {}
+    for k, f, pr in zip(kind_arr.tolist(), found.tolist(), present.tolist(), strict=True):
+        if not pr:
+            continue
+        acc = per_kind.setdefault(k, [0, 0])
+        acc[0] += int(f)
+        acc[1] += 1
+    tp = int(found[present].sum())
+    n_det = len(cells.x)
+    # Dice of matched nuclei: the detection's outline raster against the true mask.
+    dices = []
+    offs = cells.outline_offsets
+    for lab in np.nonzero(owner >= 0)[0]:
+        i = int(owner[lab])
+        poly = cells.outline_xy[offs[i] : offs[i + 1]]
+        p = props[int(lab)]
+        y0, x0, y1, x1 = p.bbox
+        if len(poly) >= 3:
+            y0, x0 = min(y0, int(poly[:, 1].min())), min(x0, int(poly[:, 0].min()))
+            y1, x1 = max(y1, int(poly[:, 1].max()) + 1), max(x1, int(poly[:, 0].max()) + 1)
+        y0, x0, y1, x1 = max(0, y0), max(0, x0), min(H, y1), min(W, x1)
+        true_m = labels[y0:y1, x0:x1] == lab
+        pred_m = np.zeros_like(true_m)
+        if len(poly) >= 3:
+            rr, cc = draw_polygon(poly[:, 1] - y0, poly[:, 0] - x0, shape=pred_m.shape)
+            pred_m[rr, cc] = True
+        den = true_m.sum() + pred_m.sum()
+        dices.append(2.0 * float((true_m & pred_m).sum()) / den if den else 0.0)
+    # Edge bands of the processed grid.
+    done = tiles["status"] == 1
+    inner_x = sorted(set(tiles["x0"][done].tolist()) & set(tiles["x1"][done].tolist()))
+    inner_y = sorted(set(tiles["y0"][done].tolist()) & set(tiles["y1"][done].tolist()))
+    band_px = band_um / mpp
+    dist = np.full(n_true, np.inf)
+    for lab in props:
+        cx, cy = cent[lab]
+        dx = min((abs(cx - v) for v in inner_x), default=np.inf)
+        dy = min((abs(cy - v) for v in inner_y), default=np.inf)
+        dist[lab - 1] = min(dx, dy)
+    in_band = present & (dist <= band_px)
+    interior = present & ~in_band
+    from wsi_screen.metrics import wilson_interval
+
+    def rate(k: int, n: int) -> dict[str, Any]:
+        return {"found": k, "nuclei": n, "recall": k / n if n else None, "wilson95": wilson_interval(k, n)}
+
+    return {
+        "nuclei": int(present.sum()),
+        "detections": n_det,
+        "tp": tp,
+        "recall": tp / max(int(present.sum()), 1),
+        "precision": tp / n_det if n_det else None,
+        "recall_by_kind": {k: rate(*v) for k, v in sorted(per_kind.items())},
+        "dice_median": float(np.median(dices)) if dices else None,
+        "dice_mean": float(np.mean(dices)) if dices else None,
+        "edge_band": rate(int(found[in_band].sum()), int(in_band.sum())),
+        "interior": rate(int(found[interior].sum()), int(interior.sum())),
+        "band_um": band_um,
+        "found": found.tolist(),
+    }
+
+
+def eval_real(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Real-cell slides of one split part (pipelines/real_slides.py) through ``run_slide``, defaults."""
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import real_slides
+
+    from wsi_screen.config import load_settings
+    from wsi_screen.metrics import wilson_interval
+    from wsi_screen.pipeline import load_models, run_slide
+
+    slides_dir = args.real_slides or work / "real-slides"
+    paths = []
+    for kind in args.real:
+        path = slides_dir / f"real-{kind}-{args.real_part}.tiff"
+        if not path.is_file():
+            real_slides.build(args.data, args.manifest, args.real_part, slides_dir, which=[kind])
+        paths.append((kind, path))
+    overrides: dict[str, Any] = {"localization.model": args.bundle, "adequacy.min_squamous_cells": 0}
+    if args.no_stain:
+        overrides["stain.enabled"] = False
+    settings = load_settings(overrides=overrides)
+    models = load_models(settings)
+    out: dict[str, Any] = {"part": args.real_part, "settings_overrides": overrides}
+    for kind, path in paths:
+        t0 = time.perf_counter()
+        res = run_slide(path, work / "runs", settings=settings, models=models, progress=False)
+        row = score_slide(res.out_dir / "cells.zarr", path.with_suffix(".truth.npz"))
+        row.pop("found")
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        if kind == "herlev":
+            pooled = {}
+            for g, members in HERLEV_GROUPS.items():
+                k = sum(row["recall_by_kind"].get(m, {}).get("found", 0) for m in members)
+                n = sum(row["recall_by_kind"].get(m, {}).get("nuclei", 0) for m in members)
+                pooled[g] = {
+                    "found": k,
+                    "nuclei": n,
+                    "recall": k / n if n else None,
+                    "wilson95": wilson_interval(k, n),
+                }
+            row["recall_by_group"] = pooled
+        out[kind] = row
+        print(
+            f"  real {kind} ({args.real_part}): recall {row['recall']:.3f}, precision "
+            f"{(row['precision'] or 0):.3f}, dice {row['dice_median']}, edge {row['edge_band']['recall']}, "
+            f"interior {row['interior']['recall']} ({row['seconds']} s)",
+            flush=True,
+        )
+        for k, v in row.get("recall_by_group", row["recall_by_kind"]).items():
+            print(f"    {k}: {v['found']}/{v['nuclei']} = {v['recall']}", flush=True)
+    return out
+
+
 def _fmt(r: dict[str, Any]) -> str:
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -356,6 +529,17 @@ def main(argv: list[str] | None = None) -> int:
         help="skip Reinhard normalization (robustness of the input representation alone)",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--real",
+        nargs="*",
+        default=[],
+        choices=["herlev", "lbc", "cnseg", "isbi"],
+        help="real-cell slides (pipelines/real_slides.py) to screen through run_slide",
+    )
+    p.add_argument("--real-part", choices=["val", "test"], default="test")
+    p.add_argument("--real-slides", type=Path, default=None, help="folder of built real slides (reused)")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--manifest", type=Path, default=ROOT / "pipelines" / "splits" / "real.json")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -398,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["isbi"] = eval_isbi(args, localizer, settings, device, work)
             else:
                 print(f"ISBI data not found at {args.isbi}; skipped", file=sys.stderr)
+        if args.real:
+            result["real"] = eval_real(args, work)
         if args.bench_tiles:
             result["coverage_benchmark"] = bench_coverage(args, localizer, device, work)
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -47,6 +47,7 @@ __all__ = [
     "precision_recall_f1",
     "reliability_bins",
     "roc_curve",
+    "wilson_interval",
     "write_metrics_report",
 ]
 
@@ -111,6 +112,23 @@ def jsonable(obj: Any) -> Any:
 
 
 # -- multi-class ----------------------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, *, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion (default: two-sided 95 %); None when ``n`` is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0 or ``n`` successes
+    (e.g. 20 of 20 gives [0.839, 1.0]).
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return None
+    p = successes / n
+    den = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Fraction of samples whose predicted class equals the true class."""
     t, p = _labels(y_true), _labels(y_pred, name="y_pred")

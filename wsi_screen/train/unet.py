@@ -50,8 +50,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AnnotatedImage",
+    "ImageSource",
     "NucleusSample",
     "TrainingDataError",
+    "TrainingPaused",
     "UNetRecipe",
     "evaluate_samples",
     "grey_source_stats",
@@ -86,6 +88,10 @@ class TrainingDataError(WsiScreenError, ValueError):
     """Training images or masks are missing, unreadable or inconsistent."""
 
 
+class TrainingPaused(WsiScreenError):
+    """A training run stopped at its time budget; its checkpoint lets it resume."""
+
+
 # -- data -----------------------------------------------------------------------------------------------
 
 
@@ -114,6 +120,21 @@ class NucleusSample:
     centres: F64  # (n, 2) x, y in continuous model px
     radii: F64  # (n,) equivalent radius, model px
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageSource:
+    """A named source of annotated images at one µm/px, already split into train and validation.
+
+    ``weight`` is the source's share of the training crops (shares are normalized over the sources
+    and the synthetic fields, whose share is ``UNetRecipe.synthetic_weight``).
+    """
+
+    name: str
+    mpp: float
+    train: list[AnnotatedImage]
+    val: list[AnnotatedImage] = field(default_factory=list)
+    weight: float = 1.0
 
 
 def _read_any(path: Path) -> NDArray[Any]:
@@ -260,7 +281,11 @@ def grey_source_stats(rgb: U8, target: ReinhardStats) -> ReinhardStats | None:
 
 
 def normalize_image(rgb: U8, *, grey: bool, target: ReinhardStats | None) -> U8:
-    """Reinhard towards ``target`` with the image's own glass-masked statistics (grey: lightness only)."""
+    """Reinhard towards ``target`` with the image's own cell-pixel statistics (grey: lightness only).
+
+    Colour images use :func:`wsi_screen.stain.cell_source_stats` (glass and near-black pixels, e.g.
+    the black corners of rotated fields, excluded), as the pipeline does for a slide.
+    """
     from wsi_screen import stain
 
     if target is None:
@@ -268,8 +293,7 @@ def normalize_image(rgb: U8, *, grey: bool, target: ReinhardStats | None) -> U8:
     if grey:
         source = grey_source_stats(rgb, target)
     else:
-        glass = stain.glass_mask(rgb).numpy()
-        source = None if glass.all() else stain.lab_stats(rgb, mask=glass)
+        source = stain.cell_source_stats(rgb)
     if source is None:
         return rgb
     out: U8 = stain.reinhard(rgb, target, source=source).numpy()
@@ -675,6 +699,8 @@ class UNetRecipe:
     noise_sigma: float = 0.01
     cell_weight: float = 0.5
     context_um: float = 24.0
+    #: Share of training crops from synthetic fields when :class:`ImageSource` sources are given.
+    synthetic_weight: float = 0.2
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -686,16 +712,30 @@ class _Batcher:
     """Random augmented crops from the samples (numpy Generator: deterministic for a seed)."""
 
     def __init__(
-        self, samples: Sequence[NucleusSample], recipe: UNetRecipe, rng: np.random.Generator
+        self,
+        samples: Sequence[NucleusSample],
+        recipe: UNetRecipe,
+        rng: np.random.Generator,
+        source_weights: dict[str, float] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.r = recipe
         self.rng = rng
-        real = np.array([not s.source.startswith("synthetic") for s in self.samples])
         w = np.ones(len(self.samples))
-        if real.any() and (~real).any():
-            w[real] = recipe.real_fraction / real.sum()
-            w[~real] = (1.0 - recipe.real_fraction) / (~real).sum()
+        if source_weights:
+            # Each source gets its share of the crops, spread evenly over its images.
+            keys = [s.source.split(":")[0] for s in self.samples]
+            counts: dict[str, int] = {}
+            for k in keys:
+                counts[k] = counts.get(k, 0) + 1
+            w = np.array([source_weights.get(k, 0.0) / counts[k] for k in keys], np.float64)
+            if not (w > 0).any():
+                raise TrainingDataError(f"no training image's source has a positive weight: {source_weights}")
+        else:
+            real = np.array([not s.source.startswith("synthetic") for s in self.samples])
+            if real.any() and (~real).any():
+                w[real] = recipe.real_fraction / real.sum()
+                w[~real] = (1.0 - recipe.real_fraction) / (~real).sum()
         self.p = w / w.sum()
         self.channels = int(self.samples[0].features.shape[0])
 
@@ -833,6 +873,12 @@ def train_unet(
     training_info: dict[str, Any] | None = None,
     limitations: str = "",
     steps: int | None = None,
+    sources: Sequence[ImageSource] = (),
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    time_budget_s: float | None = None,
+    checkpoint_every_s: float = 300.0,
+    pause_after_steps: int | None = None,
 ) -> ModelBundle:
     """Train the nucleus U-Net on annotated images (+ synthetic fields) and save a bundle.
 
@@ -851,6 +897,15 @@ def train_unet(
         progress: progress bars (terminal) or log lines.
         name, description, training_info, limitations: recorded in the bundle.
         steps: total optimizer steps instead of ``epochs`` × steps per epoch (quick runs).
+        sources: further annotated sources, each at its own µm/px with its own train/validation
+            images and crop share (:class:`ImageSource`); validation figures are kept per source.
+        checkpoint: a file where the run saves its state (model, optimizer, schedule, data order,
+            history) every ``checkpoint_every_s`` seconds and when it stops; with ``resume``, a run
+            continues from it (same arguments) and ends with the same weights as an uninterrupted run.
+        time_budget_s: stop after this many seconds of this call, save the checkpoint and raise
+            :class:`TrainingPaused` (resume to continue); no bundle is written until the last step.
+        pause_after_steps: likewise, once this call has run at least this many steps (a job
+            scheduler's slice). Runs pause and resume at epoch boundaries only.
     """
     import torch
 
@@ -876,8 +931,13 @@ def train_unet(
         )
     if rec.epochs < 1 or rec.batch_size < 1:
         raise TrainingDataError("epochs and batch size must be at least 1")
-    if not (0.02 < mpp < 50):
-        raise TrainingDataError(f"--mpp {mpp} is not a plausible pixel size of the training images")
+    if images_dir is not None and not (0.02 < mpp < 50):
+        raise TrainingDataError(f"mpp {mpp} is not a plausible pixel size of the training images")
+    for src in sources:
+        if not (0.02 < src.mpp < 50):
+            raise TrainingDataError(f"source {src.name}: mpp {src.mpp} is not a plausible pixel size")
+    if resume and checkpoint is None:
+        raise TrainingDataError("resume needs a checkpoint file")
     t_start = time.perf_counter()
     sw = Stopwatch()
     rng = seed_everything(seed)
@@ -910,6 +970,21 @@ def train_unet(
                     if im.name not in held:
                         annotated_names.append(im.name)
                     bar.update(1)
+        for src in sources:
+            n_img = len(src.train) + len(src.val)
+            with Progress(total=n_img, desc=f"{src.name} images", unit="image", enabled=progress) as bar:
+                for part, images_ in (("train", src.train), ("val", src.val)):
+                    for im in images_:
+                        smp = sample_from_image(
+                            im,
+                            image_mpp=src.mpp,
+                            model_mpp=rec.model_mpp,
+                            representation=rec.representation,
+                            target=target,
+                            source=src.name,
+                        )
+                        (train if part == "train" else val).append(smp)
+                        bar.update(1)
         if synthetic_tiles:
             train += synthetic_samples(
                 synthetic_tiles,
@@ -960,16 +1035,82 @@ def train_unet(
         return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    batcher = _Batcher(train, rec, rng)
+    source_weights: dict[str, float] | None = None
+    if sources:
+        source_weights = {src.name: float(src.weight) for src in sources}
+        if annotated_names:
+            source_weights["annotated"] = 1.0
+        source_weights["synthetic"] = rec.synthetic_weight if synthetic_tiles else 0.0
+    batcher = _Batcher(train, rec, rng, source_weights)
     m_t = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
     s_t = torch.tensor(std, device=dev).view(1, -1, 1, 1)
     thresholds = {"nucleus": 0.5, "marker": 0.5, "cell": 0.5}
     history: list[dict[str, Any]] = []
     step = 0
     running = 0.0
+    epoch = 0
+    ckpt_path = None if checkpoint is None else Path(checkpoint)
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        if state.get("total_steps") != total_steps or state.get("recipe") != rec.to_dict():
+            raise TrainingDataError(
+                f"checkpoint {ckpt_path} is of another run (steps or recipe differ); delete it or drop resume"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        step, epoch, running = int(state["step"]), int(state["epoch"]), float(state["running"])
+        history = list(state["history"])
+        logger.info("resumed from %s at step %d of %d", ckpt_path, step, total_steps)
+    elif resume:
+        logger.info("no checkpoint at %s yet: starting from the first step", ckpt_path)
+
+    def save_checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_ckpt = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "epoch": epoch,
+                "running": running,
+                "history": history,
+                "total_steps": total_steps,
+                "recipe": rec.to_dict(),
+            },
+            tmp_ckpt,
+        )
+        os.replace(tmp_ckpt, ckpt_path)
+
+    last_ckpt = time.perf_counter()
+    first_step = step
     with Progress(total=total_steps, desc="train unet", unit="step", enabled=progress) as bar:
-        epoch = 0
+        bar.update(step)
         while step < total_steps:
+            over_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
+            over_steps = pause_after_steps is not None and step - first_step >= pause_after_steps
+            if over_time or over_steps:
+                save_checkpoint()
+                why = f"time budget of {time_budget_s:.0f} s" if over_time else f"{step - first_step} steps"
+                raise TrainingPaused(
+                    f"paused after {why} at step {step} of {total_steps}; "
+                    + (
+                        f"state saved to {ckpt_path}: run again with resume to continue"
+                        if ckpt_path
+                        else "no checkpoint file was given, so the run cannot be resumed"
+                    )
+                )
+            if ckpt_path is not None and time.perf_counter() - last_ckpt > checkpoint_every_s:
+                save_checkpoint()
+                last_ckpt = time.perf_counter()
             epoch += 1
             model.train()
             ep_loss, ep_n = 0.0, 0
@@ -1043,6 +1184,15 @@ def train_unet(
                 "mpp": mpp,
                 "train": annotated_names,
                 "val": sorted(val_names),
+            },
+            "sources": {
+                src.name: {
+                    "mpp": src.mpp,
+                    "weight": src.weight,
+                    "train": [im.name for im in src.train],
+                    "val": [im.name for im in src.val],
+                }
+                for src in sources
             },
             "synthetic": {
                 "train_fields": synthetic_tiles,

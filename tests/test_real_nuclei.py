@@ -1,0 +1,238 @@
+"""Real-nucleus training data: the split manifest, composed fields, multi-source training with
+checkpoint/resume, Wilson intervals and the real-cell slide scorer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_screen.metrics import wilson_interval
+from wsi_screen.train.fields import CropCell, compose_fields, read_split_manifest, split_names
+from wsi_screen.train.unet import (
+    AnnotatedImage,
+    ImageSource,
+    TrainingDataError,
+    TrainingPaused,
+    UNetRecipe,
+    train_unet,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "pipelines" / "splits" / "real.json"
+
+
+def _pipeline(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# -- split manifest ------------------------------------------------------------------------------------
+
+
+def test_manifest_keeps_every_group_in_one_part() -> None:
+    m = read_split_manifest(MANIFEST)
+    for source in ("herlev", "herlev_severe_fine", "lbc_nuclei", "cnseg", "isbi2014", "lbc_cells"):
+        parts_of_group: dict[str, set[str]] = {}
+        for v in m["sources"][source]["files"].values():
+            parts_of_group.setdefault(v["group"], set()).add(v["split"])
+        assert all(len(p) == 1 for p in parts_of_group.values()), source
+        for part in ("train", "val", "test"):
+            assert split_names(m, source, part), f"{source} has an empty {part} part"
+    # The 128² severe-dysplasia crops follow the Herlev group of the same cell.
+    herlev_part = {v["group"]: v["split"] for v in m["sources"]["herlev"]["files"].values()}
+    for v in m["sources"]["herlev_severe_fine"]["files"].values():
+        if v["group"] in herlev_part:
+            assert v["split"] == herlev_part[v["group"]]
+    # CNSeg's distorted copies share the part of their field.
+    cn = m["sources"]["cnseg"]["files"]
+    assert cn["clustered/barrdistorted_103_0.3_0.3_10005.png"]["split"] == cn["clustered/10005.png"]["split"]
+    with pytest.raises(TrainingDataError, match="unknown split part"):
+        split_names(m, "herlev", "holdout")
+    with pytest.raises(TrainingDataError, match="no source"):
+        split_names(m, "sipakmed", "train")
+
+
+def test_committed_manifest_is_current(shared_data: Path) -> None:
+    """The committed manifest is exactly what pipelines/make_splits.py builds from the shared data."""
+    make_splits = _pipeline("make_splits")
+    built = json.dumps(make_splits.build(shared_data), indent=1, ensure_ascii=False) + "\n"
+    assert built == MANIFEST.read_text()
+
+
+def test_split_hash_is_stable() -> None:
+    """The part of a unit depends on its id only (SHA-256), not on Python's hash seed or the order."""
+    make_splits = _pipeline("make_splits")
+    parts = [make_splits.part_of("herlev", str(g)) for g in range(400)]
+    assert parts == [make_splits.part_of("herlev", str(g)) for g in range(400)]
+    shares = {k: parts.count(k) / len(parts) for k in ("train", "val", "test")}
+    assert 0.5 < shares["train"] < 0.7 and 0.08 < shares["val"] < 0.22 and 0.17 < shares["test"] < 0.33
+
+
+# -- composed fields -----------------------------------------------------------------------------------
+
+
+def _crop_cell(name: str, *, fills_crop: bool = False) -> CropCell:
+    """A 60² crop: a nucleus disc in a cytoplasm disc on a *dark grey* crop background (a box cue)."""
+    yy, xx = np.mgrid[0:60, 0:60] + 0.5
+    r2 = (yy - 30) ** 2 + (xx - 30) ** 2
+    label = np.zeros((60, 60), np.uint8)
+    label[r2 <= (40 if fills_crop else 26) ** 2] = 1
+    label[r2 <= 8**2] = 2
+    rgb = np.full((60, 60, 3), 150, np.uint8)  # crop "glass" far darker than any field glass
+    rgb[label == 1] = (120, 110, 160)
+    rgb[label == 2] = (60, 40, 110)
+    return CropCell(name=name, herlev_class="normal_intermediate", rgb=rgb, label=label)
+
+
+def test_compose_fields_labels_nuclei_and_leaves_no_crop_box() -> None:
+    cells = [_crop_cell("a"), _crop_cell("b")]
+    fields = compose_fields(cells, n_fields=4, mpp=0.201, field_px=256, cells_per_field=(3, 3), seed=1)
+    assert len(fields) == 4
+    for f in fields:
+        assert f.rgb.shape == (256, 256, 3) and f.nuclei.shape == (256, 256) and not f.grey
+        assert f.cells is not None
+        n = int(f.nuclei.max())
+        assert 1 <= n <= 3
+        areas = np.bincount(f.nuclei.ravel())[1:]
+        # A nucleus of radius 8 px at 0.201 µm/px, scaled by U(0.9, 1.1): 160–245 px², or a part
+        # of one at the field border.
+        assert np.all(areas <= 1.25 * np.pi * 8.8**2)
+        # The crop's own dark background never enters: outside the cells the field is glass.
+        outside = ~f.cells
+        grey = f.rgb[outside].astype(int)
+        assert grey.min() > 185
+        # Nuclei are dark, glass is bright.
+        assert f.rgb[f.nuclei > 0].mean() < f.rgb[outside].mean() - 60
+    again = compose_fields(cells, n_fields=4, mpp=0.201, field_px=256, cells_per_field=(3, 3), seed=1)
+    assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(fields, again, strict=True))
+
+
+def test_compose_fields_fades_cells_cut_by_their_crop() -> None:
+    """A cell that fills its crop is faded inside an ellipse: no straight crop edge in the field."""
+    cells = [_crop_cell("full", fills_crop=True)]
+    f = compose_fields(cells, n_fields=1, mpp=0.201, field_px=200, cells_per_field=(1, 1), seed=3)[0]
+    assert f.cells is not None and int(f.nuclei.max()) == 1
+    ys, xs = np.nonzero(f.cells)
+    box = f.rgb[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(int).sum(axis=2)
+    corners = [box[0, 0], box[0, -1], box[-1, 0], box[-1, -1]]
+    centre_row = box[box.shape[0] // 2]
+    # The corners of the cell's bounding box stay glass-bright; the middle of the box is not.
+    assert min(corners) > 3 * 190 and centre_row.min() < 3 * 150
+
+
+def test_compose_fields_keeps_background_field_nuclei() -> None:
+    bg = AnnotatedImage(
+        name="bg",
+        rgb=np.full((100, 100, 3), 230, np.uint8),
+        grey=False,
+        nuclei=np.zeros((100, 100), np.int32),
+    )
+    bg.rgb[40:50, 40:50] = 60
+    bg.nuclei[40:50, 40:50] = 1
+    f = compose_fields(
+        [_crop_cell("a")],
+        n_fields=1,
+        mpp=0.25,
+        field_px=100,
+        cells_per_field=(0, 0),
+        backgrounds=[(bg, 0.25)],
+        background_p=1.0,
+    )[0]
+    assert int(f.nuclei.max()) == 1 and int((f.nuclei > 0).sum()) == 100
+    assert f.cells is None  # a real background field has no cell masks: unknown, not "no cell"
+
+
+# -- multi-source training, checkpoint and resume ------------------------------------------------------
+
+
+def _tiny_images(n: int, seed: int) -> list[AnnotatedImage]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    out = []
+    for i in range(n):
+        rgb = np.full((64, 64, 3), 230, np.uint8)
+        nuclei = np.zeros((64, 64), np.int32)
+        for k, (cx, cy) in enumerate([(20, 20), (44, 40)], start=1):
+            cx, cy = cx + rng.uniform(-3, 3), cy + rng.uniform(-3, 3)
+            rgb[(xx - cx) ** 2 + (yy - cy) ** 2 <= 14**2] = (170, 150, 190)
+            m = (xx - cx) ** 2 + (yy - cy) ** 2 <= 5**2
+            rgb[m] = (70, 50, 120)
+            nuclei[m] = k
+        out.append(AnnotatedImage(name=f"img{i}", rgb=rgb, grey=False, nuclei=nuclei))
+    return out
+
+
+def _train(tmp: Path, out: str, **kw: object) -> object:
+    sources = [
+        ImageSource(name="a", mpp=0.5, train=_tiny_images(1, 0), val=_tiny_images(1, 9), weight=0.7),
+        ImageSource(name="b", mpp=0.5, train=_tiny_images(1, 1), weight=0.3),
+    ]
+    recipe = UNetRecipe(
+        crop_px=64, batch_size=2, crops_per_image=1, decoder_channels=(16, 8, 8, 8, 8), representation="rgb"
+    )
+    return train_unet(
+        None,
+        None,
+        mpp=0.5,
+        out_dir=tmp / out,
+        sources=sources,
+        recipe=recipe,
+        device="cpu",
+        seed=5,
+        progress=False,
+        **{"steps": 3, **kw},  # type: ignore[arg-type]
+    )
+
+
+def test_training_pauses_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    whole = _train(tmp_path, "whole")
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(TrainingPaused, match="resume"):
+        _train(tmp_path, "parts", checkpoint=ckpt, pause_after_steps=1)
+    assert ckpt.is_file() and not (tmp_path / "parts").exists()  # no bundle before the last step
+    with pytest.raises(TrainingPaused):
+        _train(tmp_path, "parts", checkpoint=ckpt, resume=True, pause_after_steps=1)
+    parts = _train(tmp_path, "parts", checkpoint=ckpt, resume=True)
+    sw, sp = whole.state_dict(), parts.state_dict()  # type: ignore[attr-defined]
+    assert sw.keys() == sp.keys() and all(torch.equal(sw[k], sp[k]) for k in sw)
+    cfg = parts.config  # type: ignore[attr-defined]
+    assert set(cfg.training["sources"]) == {"a", "b"}
+    assert cfg.training["sources"]["a"]["val"] == ["img0"]
+    assert "a" in cfg.metrics["validation"]  # validation figures per source
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(TrainingPaused):
+        _train(tmp_path, "x", checkpoint=ckpt, pause_after_steps=1)
+    with pytest.raises(TrainingDataError, match="another run"):
+        _train(tmp_path, "x", checkpoint=ckpt, resume=True, steps=5)
+    with pytest.raises(TrainingDataError, match="needs a checkpoint"):
+        _train(tmp_path, "y", resume=True)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+
+def test_wilson_interval_known_values() -> None:
+    # Reference values: Wilson (1927) score interval, z = 1.96 (e.g. Newcombe 1998, table I).
+    lo, hi = wilson_interval(20, 20)  # type: ignore[misc]
+    assert lo == pytest.approx(0.8389, abs=1e-4) and hi == 1.0
+    lo, hi = wilson_interval(5, 10)  # type: ignore[misc]
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)  # type: ignore[misc]
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) is None
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(3, 2)
