@@ -74,12 +74,18 @@ def _resample(a: np.ndarray, factor: float, *, labels: bool) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize(size, Image.LANCZOS))
 
 
-def _glass(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+def _glass(rng: np.random.Generator, shape: tuple[int, int], *, grey: bool = False) -> np.ndarray:
+    """Flat glass with a radial fall-off and grain; neutral grey for greyscale sources (ISBI), so that
+    their slide stays greyscale, as a greyscale scan is."""
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     r2 = ((yy - h / 2) / h) ** 2 + ((xx - w / 2) / w) ** 2
-    base = np.array([241.0, 238.0, 243.0], np.float32) * (1.0 - 0.06 * r2)[..., None]
-    base += rng.normal(0.0, 2.0, size=(h, w, 3)).astype(np.float32)
+    tint = [240.0, 240.0, 240.0] if grey else [241.0, 238.0, 243.0]
+    base = np.array(tint, np.float32) * (1.0 - 0.06 * r2)[..., None]
+    if grey:
+        base += rng.normal(0.0, 2.0, size=(h, w, 1)).astype(np.float32)
+    else:
+        base += rng.normal(0.0, 2.0, size=(h, w, 3)).astype(np.float32)
     return base
 
 
@@ -155,7 +161,7 @@ def mosaic_slide(
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     H, W = rows * cell + 2 * gap, cols * cell + 2 * gap
-    canvas = _glass(rng, (H, W))
+    canvas = _glass(rng, (H, W), grey=all(im.grey for im in images))
     labels = np.zeros((H, W), np.uint32)
     kinds: list[str] = [""]
     for i, (rgb, lab) in enumerate(tiles):

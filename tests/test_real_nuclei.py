@@ -187,11 +187,10 @@ def _train(tmp: Path, out: str, **kw: object) -> object:
         mpp=0.5,
         out_dir=tmp / out,
         sources=sources,
-        recipe=recipe,
         device="cpu",
         seed=5,
         progress=False,
-        **{"steps": 3, **kw},  # type: ignore[arg-type]
+        **{"steps": 3, "recipe": recipe, **kw},  # type: ignore[arg-type]
     )
 
 
@@ -212,14 +211,20 @@ def test_training_pauses_and_resumes_to_the_same_weights(tmp_path: Path) -> None
     assert "a" in cfg.metrics["validation"]  # validation figures per source
 
 
-def test_resume_refuses_another_runs_checkpoint(tmp_path: Path) -> None:
+def test_resume_refuses_another_runs_checkpoint_and_retargets_a_new_length(tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(TrainingPaused):
         _train(tmp_path, "x", checkpoint=ckpt, pause_after_steps=1)
+    other = UNetRecipe(crop_px=64, batch_size=2, crops_per_image=1, decoder_channels=(16, 8, 8, 8, 8))
     with pytest.raises(TrainingDataError, match="another run"):
-        _train(tmp_path, "x", checkpoint=ckpt, resume=True, steps=5)
+        _train(tmp_path, "x", checkpoint=ckpt, resume=True, recipe=other)
     with pytest.raises(TrainingDataError, match="needs a checkpoint"):
         _train(tmp_path, "y", resume=True)
+    # A new length keeps the steps done and ends the schedule at the new last step (recorded).
+    longer = _train(tmp_path, "x", checkpoint=ckpt, resume=True, steps=4)
+    cfg = longer.config  # type: ignore[attr-defined]
+    assert cfg.training["steps"] == 4
+    assert cfg.training["schedule_retargeted"] == [{"at_step": 1, "from": 3, "to": 4}]
 
 
 # -- metrics -------------------------------------------------------------------------------------------
@@ -236,3 +241,27 @@ def test_wilson_interval_known_values() -> None:
     assert wilson_interval(0, 0) is None
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(3, 2)
+
+
+def test_train_unet_cli_time_budget_pauses_and_resume_finishes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    import wsi_screen.cli.commands  # noqa: F401  (registers the sub-commands)
+    from wsi_screen.cli.main import cli
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for im in _tiny_images(2, 3):
+        Image.fromarray(im.rgb).save(images / f"{im.name}.png")
+        Image.fromarray(im.nuclei.astype(np.uint16)).save(masks / f"{im.name}.png")
+    out = tmp_path / "unet"
+    args = ["train", "unet", "--images", str(images), "--masks", str(masks), "--mpp", "0.5", "-o", str(out)]
+    args += ["--epochs", "1", "--batch-size", "2", "--quiet"]
+    paused = CliRunner().invoke(cli, [*args, "--time-budget", "0.0001"])
+    assert paused.exit_code == 3, paused.output
+    assert "resume" in paused.output and (tmp_path / "unet.ckpt").is_file() and not out.exists()
+    done = CliRunner().invoke(cli, [*args, "--resume"])
+    assert done.exit_code == 0, done.output
+    assert (out / "bundle.json").is_file() and not (tmp_path / "unet.ckpt").exists()

@@ -83,6 +83,21 @@ def train() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default=None, help="Bundle name [default: the output folder's name].")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Save the run's state here every few minutes and when it stops [default: OUTPUT.ckpt].",
+)
+@click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint (same arguments).")
+@click.option(
+    "--time-budget",
+    "time_budget_min",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    metavar="MINUTES",
+    help="Stop after this long, keep the state in --checkpoint and exit 3; --resume continues.",
+)
 @common_options
 @click.pass_context
 def unet(
@@ -101,6 +116,9 @@ def unet(
     device: str,
     seed: int,
     name: str | None,
+    checkpoint: Path | None,
+    resume: bool,
+    time_budget_min: float | None,
 ) -> None:
     """Train a nucleus U-Net on annotated images and write a bundle usable with --set localization.model=DIR.
 
@@ -115,24 +133,34 @@ def unet(
           --mpp 0.35 --synthetic 96 --val 36,37,38 -o my-unet
     """
     obj = configure_from_context(ctx)
-    from wsi_screen.train.unet import UNetRecipe, train_unet
+    from wsi_screen.train.unet import TrainingPaused, UNetRecipe, train_unet
 
     recipe = UNetRecipe(model_mpp=model_mpp, representation=representation)
-    bundle = train_unet(
-        images_dir,
-        masks_dir,
-        cytoplasm_dir=cytoplasm_dir,
-        mpp=mpp,
-        out_dir=out_dir,
-        val_names=[v.strip() for v in val_names.split(",") if v.strip()],
-        epochs=epochs,
-        batch_size=batch_size,
-        synthetic_tiles=synthetic,
-        recipe=recipe,
-        device=device,
-        seed=seed,
-        progress=not obj.get("quiet"),
-        name=name,
-    )
+    ckpt = checkpoint or out_dir.with_name(out_dir.name + ".ckpt")
+    try:
+        bundle = train_unet(
+            images_dir,
+            masks_dir,
+            cytoplasm_dir=cytoplasm_dir,
+            mpp=mpp,
+            out_dir=out_dir,
+            val_names=[v.strip() for v in val_names.split(",") if v.strip()],
+            epochs=epochs,
+            batch_size=batch_size,
+            synthetic_tiles=synthetic,
+            recipe=recipe,
+            device=device,
+            seed=seed,
+            progress=not obj.get("quiet"),
+            name=name,
+            checkpoint=ckpt,
+            resume=resume,
+            time_budget_s=None if time_budget_min is None else 60.0 * time_budget_min,
+        )
+    except TrainingPaused as exc:
+        click.echo(f"wsi-screen: {exc}", err=True)
+        ctx.exit(3)
     size_mb = bundle.weights_path.stat().st_size / 1e6
     click.echo(f"wrote {bundle.path} ({bundle.config.name}, {size_mb:.2f} MB)")
+    if ckpt.is_file():
+        ckpt.unlink()  # the bundle is complete: its run state is no longer needed

@@ -837,6 +837,14 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, cell_weight: float) -> torch.Te
     return total
 
 
+def _count_sources(samples: Sequence[NucleusSample]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for smp in samples:
+        key = smp.source.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def _feature_stats(samples: Sequence[NucleusSample]) -> tuple[list[float], list[float]]:
     c = samples[0].features.shape[0]
     n = 0.0
@@ -1009,10 +1017,9 @@ def train_unet(
     channels = list(CHANNELS) if has_cells else [c for c in CHANNELS if c != "cell"]
     mean, std = _feature_stats(train)
     logger.info(
-        "training on %d images (%d annotated, %d synthetic), validating on %d; channels %s",
+        "training on %d images (%s), validating on %d; channels %s",
         len(train),
-        len(annotated_names),
-        len(train) - len(annotated_names),
+        ", ".join(f"{k}: {v}" for k, v in sorted(_count_sources(train).items())),
         len(val),
         channels,
     )
@@ -1050,11 +1057,26 @@ def train_unet(
     running = 0.0
     epoch = 0
     ckpt_path = None if checkpoint is None else Path(checkpoint)
+    retargeted: list[dict[str, Any]] = []
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=dev, weights_only=True)
-        if state.get("total_steps") != total_steps or state.get("recipe") != rec.to_dict():
+        if state.get("recipe") != rec.to_dict():
             raise TrainingDataError(
-                f"checkpoint {ckpt_path} is of another run (steps or recipe differ); delete it or drop resume"
+                f"checkpoint {ckpt_path} is of another run (its recipe differs); delete it or drop resume"
+            )
+        if int(state["step"]) >= total_steps:
+            raise TrainingDataError(
+                f"checkpoint {ckpt_path} is at step {state['step']}, not before the last step {total_steps}"
+            )
+        if state.get("total_steps") != total_steps:
+            # A new length: the schedule's warm-up is unchanged, its cosine now ends at the new last step.
+            logger.warning(
+                "resuming a run of %s steps as a run of %d steps: the learning-rate schedule is retargeted",
+                state.get("total_steps"),
+                total_steps,
+            )
+            retargeted.append(
+                {"at_step": int(state["step"]), "from": state.get("total_steps"), "to": total_steps}
             )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -1063,6 +1085,7 @@ def train_unet(
         torch.set_rng_state(state["torch_rng"].cpu())
         step, epoch, running = int(state["step"]), int(state["epoch"]), float(state["running"])
         history = list(state["history"])
+        retargeted = list(state.get("retargeted", [])) + retargeted
         logger.info("resumed from %s at step %d of %d", ckpt_path, step, total_steps)
     elif resume:
         logger.info("no checkpoint at %s yet: starting from the first step", ckpt_path)
@@ -1085,6 +1108,7 @@ def train_unet(
                 "history": history,
                 "total_steps": total_steps,
                 "recipe": rec.to_dict(),
+                "retargeted": retargeted,
             },
             tmp_ckpt,
         )
@@ -1179,6 +1203,7 @@ def train_unet(
             "seed": seed,
             "steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
+            "schedule_retargeted": retargeted,
             "annotated": {
                 "images_dir": None if images_dir is None else str(images_dir),
                 "mpp": mpp,
