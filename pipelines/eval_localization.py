@@ -2,13 +2,14 @@
 
     python pipelines/eval_localization.py --bundle nuclei-unet-v1 --json eval_localization.json
 
-For every evaluation slide: slide file → ``open_slide`` → cell regions + tile grid (1024² tiles at
-0.25 µm/px, 32 µm halo, the default settings) → slide-level Reinhard source statistics
-(``pipeline.estimate_source_stats``) → threaded reader (``reader.iter_windows``) → the pipeline's
-device stage (``pipeline.TileProcessor`` without a classifier: Reinhard → U-Net → candidates →
-ownership) → level-0 nucleus centres. A detection matches a true nucleus when its centre lies within
-one equivalent nucleus radius (√(area/π)) of the true centre; matching is one-to-one (closest pairs
-first). Recall = matched true nuclei / true nuclei; precision = matched detections / detections.
+For every evaluation slide: slide file → ``open_slide`` → cell regions + tile grid (1024² tiles at 0.25
+µm/px, 32 µm halo, the default settings) → slide-level Reinhard source statistics of the cell pixels,
+towards the localizer's own target (``pipeline.slide_stain``, as ``run_slide``) → threaded reader
+(``reader.iter_windows``) → the pipeline's device stage (``pipeline.TileProcessor`` without a
+classifier: Reinhard → U-Net → candidates → ownership) → level-0 nucleus centres. A detection matches a
+true nucleus when its centre lies within one equivalent nucleus radius (√(area/π)) of the true centre;
+matching is one-to-one (closest pairs first). Recall = matched true nuclei / true nuclei; precision =
+matched detections / detections.
 
 Data:
 - **synthetic**: ``--slides-per-profile`` slides of ``--size`` px at 0.25 µm/px for every stain/scanner
@@ -51,7 +52,7 @@ def screen_nuclei(
 ) -> tuple[np.ndarray, dict[str, Any], Any]:
     """Level-0 nucleus centres (N, 2) detected by the pipeline's device stage, and timings."""
     from wsi_screen.cells import CellTable
-    from wsi_screen.pipeline import TileProcessor, estimate_source_stats
+    from wsi_screen.pipeline import TileProcessor, slide_stain
     from wsi_screen.reader import iter_windows
     from wsi_screen.slide import open_slide
     from wsi_screen.tiling import make_grid
@@ -71,7 +72,11 @@ def screen_nuclei(
             min_tissue_fraction=settings.tiling.min_tissue_fraction,
         )
         if source is None and settings.stain.enabled:
-            source = estimate_source_stats(slide, grid, n_tiles=settings.stain.sample_tiles, mask_glass=True)
+            # As run_slide: cell-pixel statistics, pooled robustly; an implausible source is not used.
+            stain = slide_stain(
+                slide, grid, settings=settings.stain, target=None, localizer_target=localizer.stain_target
+            )
+            source = stain.source
         proc = TileProcessor(
             localizer=localizer,
             classifier=None,
@@ -341,7 +346,12 @@ HERLEV_GROUPS = {
 
 
 def score_slide(
-    cells_zarr: Path, truth_npz: Path, *, hit_dilation_um: float = 1.0, band_um: float = 6.0
+    cells_zarr: Path,
+    truth_npz: Path,
+    *,
+    hit_dilation_um: float = 1.0,
+    band_um: float = 6.0,
+    min_detection_score: float = 0.0,
 ) -> dict[str, Any]:
     """Recall per kind, precision, nucleus Dice and edge-band recall of one real-cell slide.
 
@@ -362,6 +372,8 @@ def score_slide(
     kinds = [str(k) for k in truth["kind"]]
     mpp = float(truth["mpp"])
     cells, _ = read_cells(cells_zarr)
+    if min_detection_score > 0:  # what a localizer floor (localization.min_detection_score) would keep
+        cells = cells.subset(np.flatnonzero(cells.detection_score >= min_detection_score))
     tiles = read_tiles(cells_zarr)
     r = max(1, round(hit_dilation_um / mpp))
     fp_struct = np.ones((2 * r + 1, 2 * r + 1), bool)
