@@ -2,16 +2,17 @@
 
 A synthetic slide (1024² px at 0.25 µm/px) holds cells whose nuclei are centred exactly on the edges and
 corners of a grid of 256-px tile cores. Localization runs tile by tile — each tile read with a 32 µm
-halo, candidates kept only where the tile's core owns them (``Tile.owns``) — and on the whole region at
-once (``localize_region``). Both must give the same nuclei (within one nucleus radius), every true
-nucleus exactly once, and the nuclei on edges must be seen by several tiles (so ownership, not luck,
+halo, its candidates settled by :class:`~wsi_screen.localize.CoverageResolver` — and on the whole region
+at once (``localize_region``). Both must give the same nuclei (within one nucleus radius), every true
+nucleus exactly once, and the nuclei on edges must be seen by several tiles (so the resolver, not luck,
 is what removes the duplicates).
 
 Tiles disagree slightly about the centre of a nucleus on their shared edge, so ``Tile.owns`` applied
 by each tile to its own estimate can report such a nucleus twice or not at all (it does, on this
-slide). :class:`~wsi_screen.localize.CoverageResolver` applies the ownership rule away from core edges
-and settles the edge bands with the neighbouring tiles' results; it is tested here on the model's real
-outputs and, in ``test_resolver_*``, on hand-made disagreeing estimates.
+slide). The resolver applies the ownership rule away from core edges and settles the edge bands with the
+neighbouring tiles' results; it is tested here on the model's real outputs, through ``run_slide`` on a
+slide with nuclei on every edge and the corner of its 2×2 tiles (``test_run_slide_*``) and, in
+``test_resolver_*``, on hand-made disagreeing estimates.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from wsi_screen.localize import (
     CoverageResolver,
     Localizer,
     TileCandidates,
-    concat_candidates,
     localize_region,
 )
 from wsi_screen.models import load_bundle
@@ -119,12 +119,10 @@ def test_boundary_shifted_coverage(slide_path: Path, localizer: Localizer) -> No
         whole = localize_region(slide, 0, 0, SIZE, SIZE, localizer=localizer, window_mpp=MPP, source=source)
 
     tables: list[CellTable] = []
-    seen_parts: list[TileCandidates] = []
     for tile, c in zip(tiles, cands, strict=True):
         lx, _ = tile.to_level0(c.x, c.y)
         level0 = c.transformed(scale=tile.scale, offset_x=tile.read_x, offset_y=tile.read_y)
         np.testing.assert_allclose(level0.x, lx)
-        seen_parts.append(level0)
         tables.append(
             CellTable.from_rows(
                 x=level0.x,
@@ -135,6 +133,7 @@ def test_boundary_shifted_coverage(slide_path: Path, localizer: Localizer) -> No
                 morphometrics=level0.morphometrics,
             )
         )
+    seen = CellTable.concat(tables)  # every tile's candidates, before coverage
     resolver = CoverageResolver(grid, tiles=tiles)
     for tile, table in zip(tiles, tables, strict=True):  # pre-filtering changes nothing
         keep = resolver.candidates_mask(tile, table.x, table.y)
@@ -157,10 +156,9 @@ def test_boundary_shifted_coverage(slide_path: Path, localizer: Localizer) -> No
         morphometrics=a.morphometrics,
         outlines=[a.outline(i) for i in range(len(a))],
     )
-    seen = concat_candidates(seen_parts)
     truth_xy, radii = _truth()
 
-    def near(c: TileCandidates, k: int) -> int:
+    def near(c: TileCandidates | CellTable, k: int) -> int:
         return int((np.hypot(c.x - truth_xy[k, 0], c.y - truth_xy[k, 1]) <= radii[k]).sum())
 
     for k, (x, y, kind, _) in enumerate(PLACEMENTS):
@@ -183,6 +181,62 @@ def test_boundary_shifted_coverage(slide_path: Path, localizer: Localizer) -> No
     a_t = tiled.morphometrics["nucleus_area_um2"]
     a_w = whole.morphometrics["nucleus_area_um2"][order]
     np.testing.assert_allclose(a_t, a_w, rtol=0.15)
+
+
+#: run_slide on a 1024² slide of 2×2 tiles of 512² (the default 32 µm halo and 24 µm context): (nucleus
+#: centre x, y, kind) on the corner, twice on each of the four half-edges and in two interiors. The edge
+#: nuclei sit up to 1.1 px off the edge, where the tiles' own estimates of their centres (which err by up
+#: to 1 px and differ between tiles by up to 0.2 px) fall on the edge: with ``Tile.owns`` alone (as
+#: measured when this test was written), run_slide loses the nucleus at (511.73, 654) — each of tiles 2
+#: and 3 puts its centre on the other's side — and reports the one at (150, 511.73) twice (tile 0: y =
+#: 511.75, tile 2: y = 512.01).
+RUN_PLACEMENTS = [
+    (513.069, 511.184, "hsil"),  # the corner of all four tiles
+    (511.291, 150.0, "parabasal"),  # vertical edge, tiles 0 | 1
+    (512.331, 370.0, "intermediate"),
+    (511.728, 654.0, "hsil"),  # vertical edge, tiles 2 | 3
+    (511.972, 874.0, "parabasal"),
+    (150.0, 511.729, "intermediate"),  # horizontal edge, tiles 0 / 2
+    (370.0, 511.311, "parabasal"),
+    (654.0, 512.174, "parabasal"),  # horizontal edge, tiles 1 / 3
+    (874.0, 511.176, "intermediate"),
+    (250.0, 250.0, "intermediate"),  # interiors
+    (780.0, 780.0, "parabasal"),
+]
+
+
+def test_run_slide_reports_every_edge_and_corner_nucleus_once(tmp_path: Path) -> None:
+    from wsi_screen.config import load_settings
+    from wsi_screen.pipeline import load_models, run_slide
+    from wsi_screen.store import read_cells, read_tiles
+
+    specs = []
+    for i, (x, y, kind) in enumerate(RUN_PLACEMENTS):
+        size = _size_um(kind)
+        probe = cell_geometry(CellSpec(0.0, 0.0, kind, seed=30 + i, size_um=size), MPP)
+        dx, dy = polygon_centroid(probe.nuclei[0])
+        specs.append(CellSpec(x - dx, y - dy, kind, seed=30 + i, size_um=size))
+    path = tmp_path / "edges.tiff"
+    synthesize_slide(path, size=(1024, 1024), mpp=MPP, cells=specs, seed=3, stain="default", workers=1)
+    settings = load_settings(overrides={"tiling": {"tile_size_px": 512}, "output": {"report": False}})
+    models = load_models(settings)
+    result = run_slide(path, tmp_path / "out", settings=settings, models=models, progress=False)
+
+    cells, _ = read_cells(result.out_dir / "cells.zarr")
+    tiles = read_tiles(result.out_dir / "cells.zarr")
+    assert (tiles["status"] == 1).all() and len(tiles["status"]) == 4  # all four tiles screened
+    truth = np.array([(x, y) for x, y, _ in RUN_PLACEMENTS])
+    d = np.hypot(cells.x[:, None] - truth[None, :, 0], cells.y[:, None] - truth[None, :, 1])
+    per_nucleus = (d <= 2.0 / MPP).sum(axis=0).tolist()  # detections within 2 µm of each true centre
+    assert per_nucleus == [1] * len(RUN_PLACEMENTS), list(zip(RUN_PLACEMENTS, per_nucleus, strict=True))
+    assert len(cells) == len(RUN_PLACEMENTS)  # nothing else, no duplicates
+    # Each cell is counted for the tile whose version was kept, one of the tiles whose window holds it.
+    assert int(np.asarray(tiles["n_cells"]).sum()) == len(cells) == result.n_cells
+    grid = make_grid((1024, 1024), slide_mpp=MPP, mpp=MPP, tile_size=512, halo_um=settings.tiling.halo_um)
+    for k in range(len(cells)):
+        t = grid.tile(int(cells.tile[k]) // grid.cols, int(cells.tile[k]) % grid.cols)
+        px, py = t.to_window(cells.x[k], cells.y[k])
+        assert 0 <= px < t.read_size and 0 <= py < t.read_size
 
 
 def test_context_is_within_the_overhead_budget(localizer: Localizer) -> None:
@@ -208,7 +262,7 @@ def _table(tile: Tile, pts: list[tuple[float, float]]) -> CellTable:
     return CellTable.from_rows(
         x=[p[0] for p in pts],
         y=[p[1] for p in pts],
-        outlines=[sq + np.float32(p) for p in pts],
+        outlines=[sq + np.asarray(p, np.float32) for p in pts],
         tile=tile.index,
     )
 

@@ -114,7 +114,7 @@ def test_eval_is_deterministic(name: str) -> None:
     with torch.no_grad():
         a, b = model(x), model(x)
     _check_output(model, a, x)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # same input and shapes, so the same kernels in the same order: exact
 
 
 def test_timm_models_are_created_without_pretrained_weights(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,15 +154,19 @@ def test_repconv_fusion_is_exact(in_ch: int, out_ch: int, stride: int, groups: i
             m.running_var.uniform_(0.5, 2)  # type: ignore[union-attr]
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.5, 0.5)
-    conv.eval()
-    x = torch.randn(2, in_ch, 13, 10)  # odd sizes: border and stride handling
+    conv.eval().double()  # the fusion is exact algebra: in float64 only float64 rounding remains
+    x = torch.randn(2, in_ch, 13, 10, dtype=torch.float64)  # odd sizes: border and stride handling
     with torch.no_grad():
         expected = conv(x)
         conv.reparameterize()
         got = conv(x)
     assert conv.deploy and conv.conv3 is None and conv.edge_convs is None
     assert list(conv.state_dict()) == ["fused.weight", "fused.bias"]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Each output sums ≤ 300 products (3×3, 1×1, identity and 3 edge branches over 8 channels), each
+    # rounded ≤ 90 times on its way (K − 1 additions, BN, branch sums), so any order is within
+    # 90·u64·Σ|w·x| ≈ 1e-14 · 3000 ≈ 3e-11 of exact (|x| ≤ 4, folded |w| ≤ 0.75, edge taps ≤ 4;
+    # measured: 5e-15). A fusion done in float32, or a misplaced BN ε, is ≥ 1e-7 off.
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -171,12 +175,16 @@ def test_reparameterized_model_matches(name: str) -> None:
     if not callable(getattr(model, "reparameterize", None)):
         pytest.skip(f"{name} has no reparameterize()")
     _calibrate_bn(model, 4)
-    x = torch.randn(2, 4, 80, 72)
+    model = model.double()  # exact algebra, compared in float64 (see test_repconv_fusion_is_exact)
+    x = torch.randn(2, 4, 80, 72, dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
         fused = copy.deepcopy(model).reparameterize()
         got = fused(x)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # Worst case per layer: K·u64 ≈ 2.6e-13 of Σ|w·x| (widest K = 9·256), Σ|w·x| ≲ 100·|y|; ~40
+    # layers adding up give ~1e-9 relative, and 1e-8 leaves ×10 for the layers' gain (measured: 6e-14,
+    # |out| < 4). A fusion done in float32, or a misplaced BN ε, is ≥ 1e-7 off.
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules() if isinstance(m, RepConv3x3))
     assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in model.parameters())
     if isinstance(model, RunicNet):  # the deploy form built directly has the fused state-dict layout
@@ -249,5 +257,5 @@ def test_runicnet_bundle_round_trip(tmp_path: Path, deploy: bool) -> None:
     save_bundle(model, config, tmp_path / "bundle")
     loaded = load_bundle(tmp_path / "bundle", task="classification").build_model()
     x = torch.randn(2, 4, SIZE, SIZE)
-    with torch.no_grad():
+    with torch.no_grad():  # bit-identical weights, same modules and shapes: the same kernels, exact
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -11,6 +11,7 @@ import torch
 
 import wsi_screen.cli.commands  # noqa: F401  (registers the sub-commands)
 from wsi_screen.cli.main import cli
+from wsi_screen.config import load_settings
 from wsi_screen.errors import BundleError, BundleNotFoundError
 from wsi_screen.models import list_bundles, load_bundle
 from wsi_screen.models.registry import bundle_dir
@@ -128,5 +129,6 @@ def test_localize_cli_writes_overlays(tmp_path: Path) -> None:
     header = rows[0].split(",")
     assert header[:4] == ["tile", "x", "y", "owned"] and "nc_ratio" in header
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["owned"] > 0 and summary["model"]["name"] == NAME
+    default_localizer = load_settings().localization.model
+    assert summary["owned"] > 0 and summary["model"]["name"] == default_localizer
     assert len(rows) - 1 == summary["candidates"] >= summary["owned"]

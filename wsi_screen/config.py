@@ -92,13 +92,25 @@ class StainSettings(_Section):
     enabled: bool = True
     mask_glass: bool = True
     sample_tiles: int = Field(24, ge=1, le=4096, description="tiles sampled for slide source statistics")
+    fill_dark_regions: bool = Field(
+        True,
+        description="show the localizer glass instead of large dark regions (scanner fill, black field "
+        "corners, ink, label edges): they are not cells, and they change what the U-Net finds elsewhere",
+    )
 
 
 class LocalizationSettings(_Section):
     """U-Net nucleus localization and candidate extraction."""
 
-    model: str = "nuclei-unet-v1"
+    model: str = "nuclei-unet-v2"
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="probability cut (None: bundle's)")
+    min_detection_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="drop nuclei whose mean nucleus probability is below this (None: the bundle's "
+        "thresholds.detection, 0 when it has none)",
+    )
     min_nucleus_area_um2: float = Field(6.0, ge=0.0, description="smallest nucleus kept, µm²")
     max_nucleus_area_um2: float = Field(450.0, gt=0.0, description="largest nucleus kept, µm²")
     min_peak_distance_um: float = Field(3.0, ge=0.0, description="min distance of split nuclei, µm")

@@ -9,7 +9,9 @@ device), runs the U-Net at the bundle's µm/px on the core plus the context the 
 Ownership: neighbouring tiles see a nucleus on their shared core edge with slightly different centres,
 so ``Tile.owns`` applied by each tile alone can report it twice or never. :class:`CoverageResolver`
 applies the ownership rule away from core edges and settles the edge bands with the neighbours'
-results, so every cell is reported exactly once (``tests/test_coverage.py``).
+results, so every cell is reported exactly once; :func:`wsi_screen.pipeline.run_slide` and the
+training crop path (``wsi_screen.train.data``) settle every slide's cells with it
+(``tests/test_coverage.py``).
 
 Input representations (``bundle.input_representation``; :func:`model_input` is shared with training):
 
@@ -57,7 +59,6 @@ __all__ = [
     "CoverageResolver",
     "Localizer",
     "TileCandidates",
-    "concat_candidates",
     "localize_region",
     "model_input",
 ]
@@ -235,6 +236,11 @@ class Localizer:
             ),
             "marker": float(th.get("marker", 0.5)),
             "cell": float(th.get("cell", 0.5)),
+            "detection": float(
+                settings.min_detection_score
+                if settings.min_detection_score is not None
+                else th.get("detection", 0.0)
+            ),
         }
         self.batch_size = int(settings.batch_size)
         self.cpu_bf16 = bool(cpu_bf16)
@@ -301,7 +307,7 @@ class Localizer:
 
         The U-Net runs on the core plus ``min(halo_px, context)`` window pixels on each side; the
         returned coordinates are relative to the full window. Candidates in the halo are returned
-        too: the caller keeps those its tile owns (``Tile.owns``).
+        too: the caller settles which tile reports each (:class:`CoverageResolver`).
         """
         if windows.ndim != 4 or windows.shape[-1] != 3:
             raise ValueError(f"windows must be (B, H, W, 3), got shape {tuple(windows.shape)}")
@@ -334,7 +340,11 @@ class Localizer:
             }
             for i in range(b)
         ]
-        return [_to_window(c, sx=sx, sy=sy, offset=float(trim)) for c in self._extract(jobs)]
+        out = [_to_window(c, sx=sx, sy=sy, offset=float(trim)) for c in self._extract(jobs)]
+        floor = self.thresholds["detection"]
+        if floor > 0:  # nuclei whose mean nucleus probability is low are mostly debris and cytoplasm
+            out = [c.select(c.detection_score >= floor) for c in out]
+        return out
 
     def _extract(self, jobs: list[dict[str, Any]]) -> list[Candidates]:
         """:func:`extract_candidates` of each job, in order: in this thread, or spread over the
@@ -440,19 +450,6 @@ def localize_region(
     level0 = cands.transformed(scale=scale, offset_x=rx, offset_y=ry)
     inside = (level0.x >= x0) & (level0.x < x0 + w) & (level0.y >= y0) & (level0.y < y0 + h)
     return level0.select(inside)
-
-
-def concat_candidates(parts: Sequence[TileCandidates]) -> TileCandidates:
-    """Row-wise concatenation of candidates (same coordinate frame)."""
-    if not parts:
-        return TileCandidates.empty()
-    return TileCandidates(
-        x=np.concatenate([p.x for p in parts]),
-        y=np.concatenate([p.y for p in parts]),
-        detection_score=np.concatenate([p.detection_score for p in parts]),
-        morphometrics={k: np.concatenate([p.morphometrics[k] for p in parts]) for k in MORPHOMETRICS},
-        outlines=[o for p in parts for o in p.outlines],
-    )
 
 
 class CoverageResolver:

@@ -5,6 +5,7 @@ Stages and threads::
     reader threads ──(bounded, in order)──► device stage ──(bounded queue)──► writer thread
     read_region at the model µm/px          Reinhard → U-Net → candidates     cells.zarr appends
     (core + halo windows)                   → ownership → crops → classifier
+                                            → coverage (edge bands settled)
 
 Memory is bounded by the queue sizes (``reading.queue_tiles``, the device batch and the writer
 queue), not by the slide. Every output is written into a temporary sibling directory that is renamed
@@ -26,10 +27,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,7 +38,7 @@ from numpy.typing import NDArray
 from wsi_screen import __version__
 from wsi_screen.buffers import BufferPool
 from wsi_screen.cells import CellTable
-from wsi_screen.config import Settings
+from wsi_screen.config import Settings, StainSettings
 from wsi_screen.errors import ConfigError, CorruptSlideError
 from wsi_screen.reader import ReaderStats, band_columns, cache_order, iter_windows
 from wsi_screen.slide import RegionParts, Slide, open_slide
@@ -47,19 +48,22 @@ if TYPE_CHECKING:
     import torch
 
     from wsi_screen.classify import CellClassifier
-    from wsi_screen.localize import Localizer
-    from wsi_screen.stain import ReinhardStats
+    from wsi_screen.localize import CoverageResolver, Localizer
+    from wsi_screen.stain import ReinhardStats, SourceEstimate
     from wsi_screen.tissue import CellRegions
 
 __all__ = [
     "Models",
     "SlideResult",
+    "SlideStain",
     "TileProcessor",
     "assemble_batch",
+    "estimate_source",
     "estimate_source_stats",
     "load_models",
     "run_slide",
     "slide_id_for",
+    "slide_stain",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,18 +166,25 @@ def _mask_localizers(data: Any) -> set[str]:
 # -- stain statistics ---------------------------------------------------------------------------------
 
 
-def estimate_source_stats(
+def estimate_source(
     slide: Slide, grid: TileGrid, *, n_tiles: int, mask_glass: bool, size: int = 512
-) -> ReinhardStats | None:
+) -> SourceEstimate:
     """Slide-level Reinhard source statistics from ``n_tiles`` kept tiles spread over the slide.
 
-    Returns None when the slide has no kept tile, or when every sampled pixel is glass.
+    A centred ``size`` px patch of each sampled tile (the most cellular kept tiles, spread evenly
+    over the slide) is read at the grid's µm/px, and
+    :func:`~wsi_screen.stain.pooled_source_stats` pools their cell pixels robustly: glass (unless
+    ``mask_glass=False``), near-black pixels and large dark regions (scanner fill, black field
+    corners, ink, label edges, with a margin) are excluded; patches with too few cell pixels and
+    outlier patches are left out. So no dark region can hijack the slide's statistics. ``used``,
+    ``sparse`` and ``rejected`` of the result are tile indices; ``stats`` is None when the slide has
+    no kept tile or too few cell pixels (all glass, all dark, or greyscale).
     """
-    from wsi_screen.stain import glass_mask, lab_stats
+    from wsi_screen.stain import SourceEstimate, pooled_source_stats
 
     kept = list(grid.tiles(kept_only=True))
     if not kept:
-        return None
+        return SourceEstimate(None, 0, (), (), (), 0, 0.0)
     # Most cellular tiles first, then spread evenly over the slide (deterministic).
     kept.sort(key=lambda t: (-t.tissue_fraction, t.index))
     pool = kept[: max(n_tiles * 4, n_tiles)]
@@ -184,17 +195,105 @@ def estimate_source_stats(
     for t in chosen:
         off = (grid.tile_size - side) / 2 * grid.scale
         patches.append(slide.read_region((t.x0 + off, t.y0 + off), (side, side), mpp=grid.mpp))
-    batch = np.stack(patches)
-    mask = glass_mask(batch) if mask_glass else None
-    if mask is not None and bool(mask.all()):
-        return None
-    try:
-        return lab_stats(batch, mask=mask)
-    except ValueError:
-        return None
+    est = pooled_source_stats(np.stack(patches), mask_glass=mask_glass, mpp=grid.mpp)
+    ids = [t.index for t in chosen]
+    return replace(
+        est,
+        used=tuple(ids[i] for i in est.used),
+        sparse=tuple(ids[i] for i in est.sparse),
+        rejected=tuple(ids[i] for i in est.rejected),
+    )
+
+
+def estimate_source_stats(
+    slide: Slide, grid: TileGrid, *, n_tiles: int, mask_glass: bool, size: int = 512
+) -> ReinhardStats | None:
+    """The statistics of :func:`estimate_source` (None: no kept tile, or too few cell pixels)."""
+    return estimate_source(slide, grid, n_tiles=n_tiles, mask_glass=mask_glass, size=size).stats
+
+
+@dataclass
+class SlideStain:
+    """The Reinhard normalization of one slide: each model's target and the slide's source.
+
+    ``target``: the crops' (the classifier bundle's ``stain_target``); ``localizer_target``: the
+    localizer input's (its bundle's); ``source``: the slide's statistics, None when nothing is
+    normalized (``stain.enabled`` off, no target, too few cell pixels, or an implausible source);
+    ``estimate``: how the source was pooled; ``check``: its plausibility
+    (:func:`~wsi_screen.stain.check_source` against the targets, with ``normalized``).
+    """
+
+    enabled: bool
+    target: ReinhardStats | None
+    localizer_target: ReinhardStats | None
+    source: ReinhardStats | None
+    estimate: SourceEstimate | None = None
+    check: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``stain`` record of ``cells.zarr`` attributes and ``run.json``."""
+        return {
+            "enabled": self.enabled,
+            "normalized": self.source is not None,
+            "target": None if self.target is None else self.target.to_dict(),
+            "localizer_target": None if self.localizer_target is None else self.localizer_target.to_dict(),
+            "source": None if self.source is None else self.source.to_dict(),
+            "estimate": None if self.estimate is None else self.estimate.to_dict(),
+            "check": self.check,
+        }
+
+
+def slide_stain(
+    slide: Slide,
+    grid: TileGrid,
+    *,
+    settings: StainSettings,
+    target: ReinhardStats | None,
+    localizer_target: ReinhardStats | None,
+) -> SlideStain:
+    """Each model's Reinhard target and the slide's source statistics, checked for plausibility.
+
+    With ``settings.enabled`` and a target, the source comes from :func:`estimate_source` (cell
+    pixels only, pooled robustly over the sampled tiles). A source far from every target
+    (:func:`~wsi_screen.stain.check_source`: beyond the bounds that all real clean Pap images
+    measured stay within) is not used: the slide is screened as read, and ``check`` records it
+    (the ``stain_implausible`` QC flag of ``summary.json``).
+    """
+    if not settings.enabled or (target is None and localizer_target is None):
+        return SlideStain(enabled=settings.enabled, target=None, localizer_target=None, source=None)
+    from wsi_screen.stain import check_source
+
+    est = estimate_source(slide, grid, n_tiles=settings.sample_tiles, mask_glass=settings.mask_glass)
+    source, check = est.stats, None
+    if source is not None:
+        known = [t for t in (target, localizer_target) if t is not None]
+        check = {**check_source(source, known), "normalized": True}
+        if not check["plausible"]:
+            check["normalized"] = False
+            logger.warning(
+                "%s: implausible stain statistics (%.1f target σ off, σ ×%.2f; pooled from %d of %d "
+                "tiles): Reinhard normalization skipped for this slide (QC flag stain_implausible)",
+                slide.path.name,
+                check["mu_sigmas"],
+                math.exp(check["log_sigma_ratio"]),
+                len(est.used),
+                est.n_images,
+            )
+            source = None
+    return SlideStain(
+        enabled=True,
+        target=target,
+        localizer_target=localizer_target,
+        source=source,
+        estimate=est,
+        check=check,
+    )
 
 
 # -- device stage ---------------------------------------------------------------------------------
+
+#: What the localizer sees instead of a large dark region (``TileProcessor(fill_dark=True)``): glass.
+DARK_FILL_RGB = (242, 242, 242)
 
 
 @dataclass
@@ -308,6 +407,11 @@ class TileProcessor:
     """Device stage for a batch of windows: normalize → localize → own → crop → classify.
 
     Also used by training, so that crops seen in training and in screening come from the same code.
+    Each model sees the Reinhard normalization of its own bundle: the localizer's input goes to
+    ``localizer_target``, the crops to ``target`` (the classifier's), both from the slide's ``source``
+    statistics; the windows are normalized once when the two targets are equal (every shipped
+    bundle has :data:`~wsi_screen.stain.DEFAULT_TARGET`), twice when they differ. ``source=None``
+    normalizes nothing; a target of None leaves that model's input as read.
     """
 
     def __init__(
@@ -320,11 +424,29 @@ class TileProcessor:
         target: ReinhardStats | None,
         crop_size: int,
         device: torch.device,
+        localizer_target: ReinhardStats | Literal["own"] | None = "own",
+        fill_dark: bool = True,
         keep_crops: bool = False,
         mask_channel: bool | None = None,
+        coverage: CoverageResolver | None = None,
     ) -> None:
-        """``mask_channel``: add the nucleus-mask channel to the crops (default: when the classifier
-        needs it, :attr:`CellClassifier.needs_mask`)."""
+        """``target``: the Reinhard target of the crops (the classifier bundle's ``stain_target``);
+        ``localizer_target``: that of the localizer's input (``"own"``: the localizer bundle's,
+        :attr:`Localizer.stain_target`; ``target`` for a stand-in localizer without one).
+        ``fill_dark``: the localizer sees glass instead of large dark regions
+        (:func:`~wsi_screen.stain.dark_region_mask`: scanner fill, black field corners, ink):
+        they hold no cells, and the U-Net's squeeze-excitation pools over its whole input, so a
+        dark region changes what it finds everywhere in the window (``stain.fill_dark_regions``).
+
+        ``mask_channel``: add the nucleus-mask channel to the crops (default: when the classifier
+        needs it, :attr:`CellClassifier.needs_mask`).
+
+        ``coverage``: the slide's :class:`~wsi_screen.localize.CoverageResolver`. With it, each tile
+        keeps the candidates :meth:`~wsi_screen.localize.CoverageResolver.candidates_mask` selects (its
+        core grown by the edge band on shared edges) and the caller passes every tile's table to
+        :meth:`~wsi_screen.localize.CoverageResolver.add`, which reports each cell exactly once
+        (:func:`run_slide` does). Without it each tile keeps what its core owns (``Tile.owns``): a cell
+        whose centre the tiles of an edge estimate on each other's side is then lost, or counted twice."""
         if 2 * grid.halo < crop_size:
             raise ConfigError(
                 f"tiling.halo_um gives a halo of {grid.halo} px, less than half a {crop_size} px crop: "
@@ -335,9 +457,14 @@ class TileProcessor:
         self.grid = grid
         self.source = source
         self.target = target
+        self.localizer_target: ReinhardStats | None = (
+            getattr(localizer, "stain_target", target) if localizer_target == "own" else localizer_target
+        )
+        self.fill_dark = bool(fill_dark)
         self.crop_size = int(crop_size)
         self.device = device
         self.keep_crops = keep_crops
+        self.coverage = coverage
         self.mask_channel = bool(classifier.needs_mask if classifier is not None else False)
         if mask_channel is not None:
             if classifier is not None and bool(mask_channel) != classifier.needs_mask:
@@ -355,12 +482,32 @@ class TileProcessor:
         return assemble_batch(windows, pinned=self.device.type == "cuda", pool=self._batches)
 
     def normalize(self, windows: torch.Tensor) -> torch.Tensor:
-        """Reinhard towards the bundle target with the slide's source statistics (or pass through)."""
-        from wsi_screen.stain import reinhard
+        """The localizer's input: Reinhard towards ``localizer_target`` (or pass through)."""
+        return self.normalize_both(windows)[0]
 
-        if self.target is None or self.source is None:
-            return windows
-        return reinhard(windows, self.target, source=self.source)
+    def normalize_both(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(localizer input, crop source): each towards its model's target, from the slide's source.
+
+        One Reinhard pass (the same tensor twice) when the targets are equal; none without a source.
+        With ``fill_dark``, large dark regions of the windows are glass in the localizer's input.
+        """
+        import torch
+
+        from wsi_screen.stain import dark_region_mask, reinhard
+
+        def to(target: ReinhardStats | None) -> torch.Tensor:
+            if target is None or self.source is None:
+                return windows
+            return reinhard(windows, target, source=self.source)
+
+        loc = to(self.localizer_target)
+        crops = loc if self.target == self.localizer_target else to(self.target)
+        if self.fill_dark:
+            dark = dark_region_mask(windows, mpp=self.grid.mpp, isolated=False)
+            if bool(dark.any()):
+                glass = torch.tensor(DARK_FILL_RGB, dtype=torch.uint8, device=loc.device)
+                loc = torch.where(dark[..., None], glass, loc)
+        return loc, crops
 
     def __call__(
         self, tiles: Sequence[Tile], windows: Sequence[NDArray[np.uint8] | RegionParts]
@@ -377,14 +524,14 @@ class TileProcessor:
         timings["assemble"] = ta - t0
         t0 = ta
         x = x.to(self.device, non_blocking=self.device.type == "cuda")
-        norm = self.normalize(x)
+        loc_in, norm = self.normalize_both(x)
         # Focus needs the grey level of the core and a small margin only.
         m = max(self.grid.halo - FOCUS_MARGIN, 0)
         core = norm[:, m : norm.shape[1] - m, m : norm.shape[2] - m] if m else norm
         focus = _focus(core, min(self.grid.halo, FOCUS_MARGIN))
         t1 = time.perf_counter()
         timings["normalize"] = t1 - t0
-        cands = self.localizer.localize(norm, window_mpp=self.grid.mpp, halo_px=self.grid.halo)
+        cands = self.localizer.localize(loc_in, window_mpp=self.grid.mpp, halo_px=self.grid.halo)
         t2 = time.perf_counter()
         timings["localize"] = t2 - t1
 
@@ -394,7 +541,8 @@ class TileProcessor:
         cys: list[NDArray[np.int64]] = []
         for b, (tile, c) in enumerate(zip(tiles, cands, strict=True)):
             lx, ly = tile.to_level0(c.x, c.y)
-            own = np.flatnonzero(tile.owns(lx, ly))
+            keep = tile.owns(lx, ly) if self.coverage is None else self.coverage.candidates_mask(tile, lx, ly)
+            own = np.flatnonzero(keep)
             tables.append(_owned_table(tile, c, own, lx, ly))
             tile_idx.append(np.full(len(own), b, np.int64))
             cxs.append(np.floor(np.asarray(c.x)[own]).astype(np.int64))
@@ -626,6 +774,7 @@ def run_slide(
     import torch
 
     from wsi_screen.geojson import select_cells, write_geojson
+    from wsi_screen.localize import CoverageResolver
     from wsi_screen.report import build_report, write_report
     from wsi_screen.runtime import cpu_model
     from wsi_screen.store import TILE_UNREADABLE, read_cells
@@ -667,26 +816,30 @@ def run_slide(
             (tmp / "qc_regions.png").write_bytes(qc_thumbnail_png(regions))
 
             t0 = time.perf_counter()
-            target = classifier.bundles[0].config.stain_target
-            target_stats = None
-            source = None
-            if settings.stain.enabled and target is not None:
-                from wsi_screen.stain import ReinhardStats
+            # Each model gets the normalization of its own bundle (one pass when the targets agree).
+            from wsi_screen.stain import ReinhardStats
 
-                target_stats = ReinhardStats(mu=target.mu, sigma=target.sigma)
-                source = estimate_source_stats(
-                    slide, grid, n_tiles=settings.stain.sample_tiles, mask_glass=settings.stain.mask_glass
-                )
+            cls = classifier.bundles[0].config.stain_target
+            stain = slide_stain(
+                slide,
+                grid,
+                settings=settings.stain,
+                target=None if cls is None else ReinhardStats(mu=cls.mu, sigma=cls.sigma),
+                localizer_target=localizer.stain_target,
+            )
             timings["stain_stats"] = time.perf_counter() - t0
 
             processor = TileProcessor(
                 localizer=localizer,
                 classifier=classifier,
                 grid=grid,
-                source=source,
-                target=target_stats,
+                source=stain.source,
+                target=stain.target,
+                localizer_target=stain.localizer_target,
+                fill_dark=settings.stain.fill_dark_regions,
                 crop_size=classifier.input_size,
                 device=models.device,
+                coverage=CoverageResolver(grid),
             )
             slide_info = {
                 "path": str(Path(slide_path).resolve()),
@@ -704,10 +857,7 @@ def run_slide(
                 "mpp": grid.mpp,
                 "slide": slide_info,
                 "config": settings.to_dict(),
-                "stain": {
-                    "target": None if target_stats is None else target_stats.to_dict(),
-                    "source": None if source is None else source.to_dict(),
-                },
+                "stain": stain.to_dict(),
             }
             n_cells, stage, status, focus, _n_tile_cells = _run_tiles(
                 slide,
@@ -748,6 +898,7 @@ def run_slide(
                 timings=timings_all,
                 versions={**versions, "models": models.describe()},
                 extra={"slide_id": sid, "slide": slide_info},
+                stain_check=stain.check,
             )
             write_summary(tmp / "summary.json", summary)
             flagged = select_cells(
@@ -847,13 +998,19 @@ def _run_tiles(
     progress: bool,
     on_tile: ProgressCallback | None,
 ) -> tuple[int, dict[str, Any], NDArray[np.uint8], list[float], NDArray[np.int64]]:
-    """Reader threads → device stage → writer thread over every kept tile."""
+    """Reader threads → device stage → writer thread over every kept tile.
+
+    With ``processor.coverage``, every processed tile's cells go through the resolver, which writes
+    each cell once: at once away from shared core edges, in the edge bands once the neighbouring tiles
+    are in (or known unreadable); ``n_tile_cells`` counts them by the tile whose version was kept.
+    """
     from wsi_screen.runtime import cpu_count
     from wsi_screen.store import TILE_DONE, TILE_SKIPPED, TILE_UNREADABLE, CellStoreWriter
 
     # In bands as wide as the slide reader's tile cache allows (row-major on all but very wide slides).
     band_cols = band_columns(grid, slide.cache_bytes)
     tiles = cache_order(list(grid.tiles(kept_only=True)), band_cols=band_cols)
+    coverage = processor.coverage
     status = np.full(grid.n_tiles, TILE_SKIPPED, np.uint8)
     focus = [float("nan")] * grid.n_tiles
     n_tile_cells = np.zeros(grid.n_tiles, np.int64)
@@ -880,7 +1037,7 @@ def _run_tiles(
         batch: list[tuple[Tile, RegionParts]] = []
 
         def flush() -> None:
-            nonlocal device_busy, writer_block, n_cells
+            nonlocal device_busy
             if not batch:
                 return
             t0 = time.perf_counter()
@@ -891,10 +1048,17 @@ def _run_tiles(
             for (tile, _), table, f in zip(batch, res.tables, res.focus, strict=True):
                 status[tile.index] = TILE_DONE
                 focus[tile.index] = f
-                n_tile_cells[tile.index] = len(table)
-                n_cells += len(table)
-                writer_block += writer.put(table)
+                emit(table if coverage is None else coverage.add(tile, table))
             batch.clear()
+
+        def emit(table: CellTable) -> None:
+            """Queue cells that are final (with coverage: of this tile or of neighbours held back)."""
+            nonlocal writer_block, n_cells
+            if not len(table):
+                return
+            np.add.at(n_tile_cells, np.asarray(table.tile, np.int64), 1)
+            n_cells += len(table)
+            writer_block += writer.put(table)
 
         for read in iter_windows(
             slide,
@@ -907,6 +1071,8 @@ def _run_tiles(
         ):
             if read.parts is None:
                 status[read.tile.index] = TILE_UNREADABLE
+                if coverage is not None:  # its neighbours' edge cells no longer wait for it
+                    emit(coverage.skip(read.tile))
             else:
                 batch.append((read.tile, read.parts))
             if len(batch) >= batch_tiles:
@@ -916,6 +1082,8 @@ def _run_tiles(
             if on_tile is not None:
                 on_tile(done, len(tiles))
         flush()
+        if coverage is not None:
+            emit(coverage.finish())
         writer.finish()
         store.write_tiles(grid, status, n_tile_cells, np.asarray(focus, np.float32))
         store.close()

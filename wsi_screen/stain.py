@@ -38,12 +38,20 @@ from numpy.typing import NDArray
 
 __all__ = [
     "DEFAULT_TARGET",
+    "PLAUSIBLE_LOG_SIGMA",
+    "PLAUSIBLE_MU_SIGMAS",
     "ReinhardStats",
+    "SourceEstimate",
+    "cell_source_stats",
+    "check_source",
+    "dark_region_mask",
     "glass_mask",
     "lab_stats",
+    "pooled_source_stats",
     "reference_stats",
     "reinhard",
     "reinhard_numpy",
+    "source_distance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -393,6 +401,430 @@ def lab_stats(images: Images, *, mask: Mask | None = None) -> ReinhardStats:
     excluded = None if mask is None else _as_mask(mask, imgs, "mask").reshape(-1)
     kernel = _Kernel(imgs.device, torch.float32, _chunk_pixels(imgs.device, flat.shape[0]))
     return _stats_from_gram(_gram(flat, excluded, kernel), "the images")
+
+
+#: Pixels whose brightest channel is below this are not stain (scanner fill, black field corners).
+_DEFAULT_DARK_LEVEL = 30
+#: Smooth pixels with a luminance below this may be ink, a label edge or scanner fill when they form
+#: a large region (see :func:`dark_region_mask`).
+_DEFAULT_INK_LEVEL = 70
+#: ... smooth: luminance standard deviation over 5×5 px at most this (grey levels).
+_INK_MAX_STD = 3.0
+_SMOOTH_PX = 5
+#: A dark region must hold a square of this side to be excluded, and this margin around it goes too
+#: (anti-aliased edges). In µm with ``mpp``: twice the largest nucleus; blurred, magnified
+#: hyperchromatic groups (CNSeg's barrel-distorted fields at 0.25 µm/px) hold smooth dark squares of
+#: 24 µm but none of 32 µm. Without ``mpp`` in px (magnified crops show smooth nuclei over 64 px).
+_REGION_UM = 40.0
+_MARGIN_UM = 1.5
+_DEFAULT_REGION_PX = 128
+_DEFAULT_MARGIN_PX = 3
+_LUMA = (0.299, 0.587, 0.114)
+#: At most this many cell pixels enter the robust statistics (a fixed stride subsample).
+_ROBUST_MAX_PIXELS = 2_000_000
+#: Fewer cell pixels than this give no statistics (None): too little stain to estimate a source.
+_ROBUST_MIN_PIXELS = 2_000
+#: A channel whose standard deviation is below this has no colour variation (a greyscale image).
+_MIN_SIGMA = 1e-6
+
+
+def _max_filter(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Separable ``k``×``k`` maximum of (N, 1, H, W) float maps, centred, same size (zero outside)."""
+    if k <= 1:
+        return x
+    lo, hi = k // 2, k - 1 - k // 2
+    x = torch.nn.functional.pad(x, (lo, hi, 0, 0))
+    x = torch.nn.functional.max_pool2d(x, (1, k), stride=1)
+    x = torch.nn.functional.pad(x, (0, 0, lo, hi))
+    return torch.nn.functional.max_pool2d(x, (k, 1), stride=1)
+
+
+def _large_regions(cand: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixels of ``cand`` (H, W) within ``size`` px of a ``size``×``size`` square lying in ``cand``.
+
+    Computed on ``s``×``s`` blocks (s = size // 8): a block counts when all its pixels are
+    candidates; a seed is a run of ``size // s - 1`` such blocks in both directions (it fits in any
+    ``size`` square of candidates); candidates up to that run's width from a seed belong to it, so the
+    rounded or ragged ends of a region that the square cannot reach are not left behind.
+    """
+    f = torch.nn.functional
+    h, w = int(cand.shape[0]), int(cand.shape[1])
+    s = max(1, size // 8)
+    c = cand.to(torch.float32)[None, None]
+    full = -f.max_pool2d(-c, s, stride=s, ceil_mode=True)  # edge blocks: over their pixels inside
+    k = max(1, size // s - 1)
+    hc, wc = int(full.shape[2]), int(full.shape[3])
+    if hc < k or wc < k:
+        return torch.zeros_like(cand)
+    seeds = torch.zeros_like(full)
+    seeds[..., : hc - k + 1, : wc - k + 1] = -f.max_pool2d(-full, k, stride=1)  # at the run's top left
+    near = f.max_pool2d(f.pad(seeds, (2 * k - 1, k, 2 * k - 1, k)), 3 * k, stride=1)  # run ± k blocks
+    up = near[0, 0].repeat_interleave(s, 0).repeat_interleave(s, 1)[:h, :w]
+    return cand & (up > 0)
+
+
+def _region_sizes(region_px: int | None, margin_px: int | None, mpp: float | None) -> tuple[int, int]:
+    if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
+    if region_px is None:
+        region_px = _DEFAULT_REGION_PX if mpp is None else max(8, math.ceil(_REGION_UM / mpp))
+    if margin_px is None:
+        margin_px = _DEFAULT_MARGIN_PX if mpp is None else max(1, math.ceil(_MARGIN_UM / mpp))
+    for name, v, lo in (("region_px", region_px, 2), ("margin_px", margin_px, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
+    return int(region_px), int(margin_px)
+
+
+@torch.inference_mode()
+def dark_region_mask(
+    images: Images,
+    *,
+    dark_level: int = _DEFAULT_DARK_LEVEL,
+    ink_level: int = _DEFAULT_INK_LEVEL,
+    region_px: int | None = None,
+    margin_px: int | None = None,
+    mpp: float | None = None,
+    isolated: bool = True,
+) -> torch.Tensor:
+    """True where a pixel is not stain but a dark region: fill, black corners, ink, a label edge.
+
+    Excluded are (1) every near-black pixel (brightest channel ``< dark_level``); (2) large dark
+    regions: near-black or smooth dark pixels (luminance ``< ink_level`` and a luminance standard
+    deviation ≤ 3 grey levels over 5×5 px: ink, fill, not textured chromatin), kept only where they
+    hold a ``region_px`` square (40 µm with ``mpp``, twice the largest nucleus; else 128 px), with the
+    region's ragged ends; (3) ``margin_px`` around those regions (their anti-aliased or blurred
+    edges: 1.5 µm with ``mpp``, else 3 px). Small dark objects (nuclei, even pyknotic ones, and
+    hyperchromatic groups, which are textured) are left to the statistics, apart from their
+    near-black pixels (``isolated=False``: those too, only the regions and their margins).
+    ``ink_level=0`` only looks for near-black regions.
+    Returns ``(H, W)`` or ``(B, H, W)`` booleans on the images' device.
+    """
+    for name, v in (("dark_level", dark_level), ("ink_level", ink_level)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 255:
+            raise ValueError(f"{name} must be an integer grey level in [0, 255], got {v!r}")
+    size, margin = _region_sizes(region_px, margin_px, mpp)
+    imgs, single = _as_images(images)
+    f = torch.nn.functional
+    luma = torch.tensor(_LUMA, dtype=torch.float32, device=imgs.device)
+    out = torch.empty(imgs.shape[:-1], dtype=torch.bool, device=imgs.device)
+    for i in range(int(imgs.shape[0])):
+        x = imgs[i]
+        h, w = int(x.shape[0]), int(x.shape[1])
+        # Regions are large: look for them on 2×2 means (a quarter of the work), then map back.
+        s = 2 if size >= 32 and min(h, w) >= 64 else 1
+        rgb = x.permute(2, 0, 1)[None].to(torch.float32)
+        if s > 1:
+            if h % 2 or w % 2:
+                rgb = f.pad(rgb, (0, w % 2, 0, h % 2), mode="replicate")
+            rgb = f.avg_pool2d(rgb, 2)
+        lo = max(dark_level, ink_level)
+        lum = torch.einsum("bchw,c->bhw", rgb, luma)[:, None]
+        region = torch.zeros((1, 1, *lum.shape[2:]), dtype=torch.bool, device=imgs.device)
+        side = max(2, size // s)
+        # A region needs a side × side square of dark pixels: most windows have far fewer.
+        if int((lum < max(lo, 1)).sum()) >= side * side // 2:
+            cand = rgb.amax(dim=1, keepdim=True) < dark_level
+            if ink_level > 0:
+                p = _SMOOTH_PX // 2
+                m = f.avg_pool2d(lum, _SMOOTH_PX, stride=1, padding=p, count_include_pad=False)
+                m2 = f.avg_pool2d(lum * lum, _SMOOTH_PX, stride=1, padding=p, count_include_pad=False)
+                cand |= (lum < ink_level) & ((m2 - m * m) <= _INK_MAX_STD**2)
+            region = _large_regions(cand[0, 0], side)[None, None]
+            if bool(region.any()):  # the margin, from the edge (the smoothness test stops short of it)
+                grow = math.ceil(margin / s) + (_SMOOTH_PX // 2 if ink_level > 0 else 0)
+                region = _max_filter(region.to(torch.float32), 2 * grow + 1) > 0
+        r = region[0, 0]
+        if s > 1:
+            hs, ws = int(r.shape[0]), int(r.shape[1])
+            r = r[:, None, :, None].expand(hs, s, ws, s).reshape(hs * s, ws * s)[:h, :w]
+        out[i] = r | (x.amax(dim=-1) < dark_level) if isolated else r
+    return out[0] if single else out
+
+
+def _excluded(
+    imgs: torch.Tensor,
+    *,
+    mask_glass: bool,
+    min_brightness: int,
+    max_saturation: float,
+    dark_level: int,
+    ink_level: int,
+    region_px: int | None,
+    margin_px: int | None,
+    mpp: float | None,
+) -> tuple[torch.Tensor, int, int]:
+    """Flat mask of the non-cell pixels of ``imgs`` (B, H, W, 3) — glass and dark regions — with the
+    counts of non-glass pixels and of those excluded as dark regions."""
+    dark = dark_region_mask(
+        imgs,
+        dark_level=dark_level,
+        ink_level=ink_level,
+        region_px=region_px,
+        margin_px=margin_px,
+        mpp=mpp,
+    ).reshape(-1)
+    if not mask_glass:
+        return dark, int(dark.numel()), int(dark.sum())
+    glass = glass_mask(imgs, min_brightness=min_brightness, max_saturation=max_saturation).reshape(-1)
+    return glass | dark, int((~glass).sum()), int((dark & ~glass).sum())
+
+
+def _cell_gram(flat: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """``Σ [t, 1]ᵀ [t, 1]`` (float64) over the pixel rows of ``flat`` not ``excluded`` (t: log-LMS)."""
+    kernel = _Kernel(flat.device, torch.float32, _chunk_pixels(flat.device, flat.shape[0]))
+    return _gram(flat, excluded, kernel)
+
+
+def _gram_stats(gram: torch.Tensor) -> ReinhardStats | None:
+    """:func:`_stats_from_gram`, or None for too few pixels or a channel without variation."""
+    if float(gram[3, 3]) < _ROBUST_MIN_PIXELS:
+        return None
+    try:
+        stats = _stats_from_gram(gram, "the cell pixels")
+    except ValueError:
+        return None
+    return stats if min(stats.sigma) > _MIN_SIGMA else None
+
+
+def _check_levels(dark_level: object, clip_sigmas: object) -> None:
+    if clip_sigmas is not None and not (isinstance(clip_sigmas, (int, float)) and clip_sigmas > 0):
+        raise ValueError(f"clip_sigmas must be > 0, got {clip_sigmas!r}")
+    bad_level = isinstance(dark_level, bool) or not isinstance(dark_level, (int, np.integer))
+    if bad_level or not 0 <= dark_level <= 255:  # type: ignore[operator]
+        raise ValueError(f"dark_level must be an integer grey level in [0, 255], got {dark_level!r}")
+
+
+def _clip(lab: NDArray[np.float64], clip_sigmas: float | None) -> NDArray[np.float64]:
+    if clip_sigmas is None or lab.shape[0] == 0:
+        return lab
+    med = np.median(lab, axis=0)
+    mad = 1.4826 * np.median(np.abs(lab - med), axis=0)
+    sel: NDArray[np.float64] = lab[np.all(np.abs(lab - med) <= clip_sigmas * np.maximum(mad, 1e-6), axis=1)]
+    return sel
+
+
+def cell_source_stats(
+    images: Images,
+    *,
+    min_brightness: int = _DEFAULT_MIN_BRIGHTNESS,
+    max_saturation: float = _DEFAULT_MAX_SATURATION,
+    dark_level: int = _DEFAULT_DARK_LEVEL,
+    clip_sigmas: float | None = None,
+    ink_level: int = _DEFAULT_INK_LEVEL,
+    region_px: int | None = None,
+    margin_px: int | None = None,
+    mpp: float | None = None,
+) -> ReinhardStats | None:
+    """Reinhard source statistics from stained-cell pixels only, robust to dark regions and outliers.
+
+    Glass (:func:`glass_mask`) and dark regions (:func:`dark_region_mask` with ``dark_level``,
+    ``ink_level``, ``region_px``, ``margin_px`` and ``mpp``: near-black pixels, large smooth dark
+    regions such as scanner fill, the black corners of rotated fields, ink or a label edge, and a
+    margin around them) are excluded. With ``clip_sigmas``, pixels farther than that many robust
+    standard deviations (1.4826 · MAD) from the median on any lαβ channel are dropped too (stain
+    distributions are heavy-tailed, so this also trims real stain: off by default). Returns the mean
+    and population standard deviation of the rest (the statistics :func:`lab_stats` gives on clean
+    cells), or None when fewer than 2,000 cell pixels remain (an all-glass or all-dark sample).
+    """
+    _check_levels(dark_level, clip_sigmas)
+    imgs, _ = _as_images(images)
+    excluded, _, _ = _excluded(
+        imgs,
+        mask_glass=True,
+        min_brightness=min_brightness,
+        max_saturation=max_saturation,
+        dark_level=dark_level,
+        ink_level=ink_level,
+        region_px=region_px,
+        margin_px=margin_px,
+        mpp=mpp,
+    )
+    flat = imgs.reshape(-1, 3)
+    if clip_sigmas is None:
+        return _gram_stats(_cell_gram(flat, excluded))
+    rows = flat[~excluded]
+    n = int(rows.shape[0])
+    if n < _ROBUST_MIN_PIXELS:
+        return None
+    if n > _ROBUST_MAX_PIXELS:
+        rows = rows[:: math.ceil(n / _ROBUST_MAX_PIXELS)]
+    m1 = torch.as_tensor(_RGB2LMS.T, dtype=torch.float64, device=rows.device)
+    m2 = torch.as_tensor(_LMS2LAB.T, dtype=torch.float64, device=rows.device)
+    lab = (rows.to(torch.float64) @ m1).clamp_(min=_EPS).log_() @ m2
+    sel = _clip(lab.cpu().numpy(), clip_sigmas)
+    if int(sel.shape[0]) < _ROBUST_MIN_PIXELS:
+        return None
+    sigma = sel.std(axis=0)
+    if not bool(np.all(sigma > _MIN_SIGMA)):
+        return None
+    return ReinhardStats(mu=tuple(sel.mean(axis=0)), sigma=tuple(sigma))
+
+
+@dataclass(frozen=True)
+class SourceEstimate:
+    """Source statistics pooled over sampled images (a slide's tiles) by :func:`pooled_source_stats`.
+
+    ``used``, ``sparse`` and ``rejected`` are indices into the images: pooled, left out for too few
+    cell pixels, and left out as outliers (their statistics far from the other images': a dark or
+    ink-covered tile the pixel rules missed). ``dark_fraction``: of the non-glass pixels, the
+    fraction excluded as dark regions (:func:`dark_region_mask`).
+    """
+
+    stats: ReinhardStats | None
+    n_images: int
+    used: tuple[int, ...]
+    sparse: tuple[int, ...]
+    rejected: tuple[int, ...]
+    cell_pixels: int
+    dark_fraction: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (``stats`` as :meth:`ReinhardStats.to_dict`)."""
+        return {
+            "stats": None if self.stats is None else self.stats.to_dict(),
+            "images": self.n_images,
+            "used": len(self.used),
+            "sparse": len(self.sparse),
+            "rejected": list(self.rejected),
+            "cell_pixels": self.cell_pixels,
+            "dark_fraction": round(self.dark_fraction, 4),
+        }
+
+
+@torch.inference_mode()
+def pooled_source_stats(
+    images: Images,
+    *,
+    mask_glass: bool = True,
+    min_brightness: int = _DEFAULT_MIN_BRIGHTNESS,
+    max_saturation: float = _DEFAULT_MAX_SATURATION,
+    dark_level: int = _DEFAULT_DARK_LEVEL,
+    ink_level: int = _DEFAULT_INK_LEVEL,
+    region_px: int | None = None,
+    margin_px: int | None = None,
+    mpp: float | None = None,
+    min_pixels: int | None = None,
+    outlier_sigmas: float = 3.0,
+    outlier_ratio: float = 4.0,
+) -> SourceEstimate:
+    """One source statistic from a batch of images (a slide's sampled tiles), robust per image.
+
+    Each image's cell pixels are those of :func:`cell_source_stats` (glass — unless
+    ``mask_glass=False`` — and :func:`dark_region_mask` excluded). Images with fewer than
+    ``min_pixels`` cell pixels (default: 1 % of an image, at least 2,000) are left out (when none
+    has that many, all images with cell pixels are pooled, if they hold 2,000 together). With three
+    or more images left, the per-channel medians over the images of their lαβ means and standard
+    deviations give a robust centre, and an image whose mean is more than ``outlier_sigmas`` median
+    standard deviations from the median mean on any channel, or whose standard deviation differs
+    from the median one by more than ``outlier_ratio`` times, is left out as an outlier. The rest are
+    pooled exactly: mean and population standard deviation of all their cell pixels together (what
+    :func:`lab_stats` gives on clean tiles), so one dark or ink-covered tile cannot hijack a slide.
+    """
+    _check_levels(dark_level, None)
+    if not (outlier_sigmas > 0 and outlier_ratio > 1):
+        raise ValueError(
+            f"need outlier_sigmas > 0 and outlier_ratio > 1, got {outlier_sigmas}, {outlier_ratio}"
+        )
+    imgs, _ = _as_images(images)
+    b, h, w = (int(v) for v in imgs.shape[:3])
+    need = max(_ROBUST_MIN_PIXELS, math.ceil(0.01 * h * w)) if min_pixels is None else int(min_pixels)
+    grams: list[torch.Tensor] = []
+    n_tissue = n_dark = 0
+    for i in range(b):
+        one = imgs[i : i + 1]
+        excluded, nt, nd = _excluded(
+            one,
+            mask_glass=mask_glass,
+            min_brightness=min_brightness,
+            max_saturation=max_saturation,
+            dark_level=dark_level,
+            ink_level=ink_level,
+            region_px=region_px,
+            margin_px=margin_px,
+            mpp=mpp,
+        )
+        n_tissue += nt
+        n_dark += nd
+        grams.append(_cell_gram(one.reshape(-1, 3), excluded))
+    counts = [int(g[3, 3]) for g in grams]
+    sparse = [i for i in range(b) if counts[i] < max(1, need)]
+    ok = [i for i in range(b) if i not in set(sparse)]
+    if not ok and sum(counts) >= _ROBUST_MIN_PIXELS:  # little material everywhere: pool what there is
+        ok = [i for i in range(b) if counts[i] > 0]
+    rejected: list[int] = []
+    per = {i: _gram_stats(grams[i]) for i in ok} if len(ok) >= 3 else {}
+    good = [i for i, st in per.items() if st is not None]
+    if len(good) >= 3:
+        mu = np.asarray([per[i].mu for i in good])  # type: ignore[union-attr]
+        sd = np.asarray([per[i].sigma for i in good])  # type: ignore[union-attr]
+        med_mu, med_sd = np.median(mu, axis=0), np.median(sd, axis=0)
+        far = np.any(np.abs(mu - med_mu) > outlier_sigmas * med_sd, axis=1)
+        far |= np.any(np.abs(np.log(sd / med_sd)) > math.log(outlier_ratio), axis=1)
+        rejected = [i for i, bad in zip(good, far.tolist(), strict=True) if bad]
+        ok = [i for i in ok if i not in set(rejected)]
+    total = torch.zeros((4, 4), dtype=torch.float64, device=imgs.device)
+    for i in ok:
+        total += grams[i]
+    stats = _gram_stats(total) if ok else None
+    n_cells = sum(counts[i] for i in ok)
+    return SourceEstimate(
+        stats=stats,
+        n_images=b,
+        used=tuple(ok),
+        sparse=tuple(sparse),
+        rejected=tuple(rejected),
+        cell_pixels=int(n_cells),
+        dark_fraction=n_dark / n_tissue if n_tissue else 0.0,
+    )
+
+
+#: Plausible source statistics lie within these of at least one known target (a bundle's): every
+#: ``|μ − μ_target| / σ_target`` and every ``|ln(σ / σ_target)|`` over the lαβ channels. Measured
+#: (``docs/architecture.md``): real Papanicolaou images reach 6.0 target σ (CNSeg clusters) and
+#: ``|ln σ ratio|`` 2.3 (single Herlev cells) per image, the synthetic stain profiles less; a
+#: black-cornered field's plain statistics are ~50 σ off (ln σ ratio ~4).
+PLAUSIBLE_MU_SIGMAS = 8.0
+PLAUSIBLE_LOG_SIGMA = 2.75
+
+
+def source_distance(source: ReinhardStats, target: ReinhardStats) -> tuple[float, float]:
+    """``(max_c |μ_c − μt_c| / σt_c, max_c |ln(σ_c / σt_c)|)`` over the lαβ channels."""
+    mu = np.abs(np.subtract(source.mu, target.mu)) / np.asarray(target.sigma)
+    ls = np.abs(np.log(np.divide(source.sigma, target.sigma)))
+    return float(mu.max()), float(ls.max())
+
+
+def check_source(
+    source: ReinhardStats,
+    targets: Sequence[ReinhardStats],
+    *,
+    max_mu_sigmas: float = PLAUSIBLE_MU_SIGMAS,
+    max_log_sigma: float = PLAUSIBLE_LOG_SIGMA,
+) -> dict[str, Any]:
+    """Whether ``source`` is a plausible stain: within the bounds of at least one of ``targets``.
+
+    Returns ``plausible``, ``distance`` (to the nearest target, in units of the bounds: the larger of
+    ``mu_sigmas / max_mu_sigmas`` and ``log_sigma_ratio / max_log_sigma``; plausible when ≤ 1), the
+    nearest target's ``mu_sigmas`` and ``log_sigma_ratio`` (:func:`source_distance`), and the bounds.
+    No targets: plausible (there is nothing to compare with).
+    """
+    if not (max_mu_sigmas > 0 and max_log_sigma > 0):
+        raise ValueError(f"bounds must be > 0, got {max_mu_sigmas}, {max_log_sigma}")
+    best: tuple[float, float, float] | None = None
+    for t in targets:
+        mu, ls = source_distance(source, t)
+        d = max(mu / max_mu_sigmas, ls / max_log_sigma)
+        if best is None or d < best[0]:
+            best = (d, mu, ls)
+    d, mu, ls = best if best is not None else (0.0, 0.0, 0.0)
+    return {
+        "plausible": bool(d <= 1.0),
+        "distance": round(d, 4),
+        "mu_sigmas": round(mu, 3),
+        "log_sigma_ratio": round(ls, 3),
+        "bounds": {"mu_sigmas": max_mu_sigmas, "log_sigma_ratio": max_log_sigma},
+    }
 
 
 @torch.inference_mode()

@@ -134,6 +134,33 @@ def _check(
     }
 
 
+def _stain_check(check: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``stain_implausible`` QC check from :func:`wsi_screen.stain.check_source`'s result."""
+    bounds = check.get("bounds") or {}
+    flagged = not bool(check.get("plausible", True))
+    skipped = not bool(check.get("normalized", not flagged))
+    spread = math.exp(float(check.get("log_sigma_ratio", 0.0)))
+    spread_max = math.exp(float(bounds.get("log_sigma_ratio", 0.0)))
+    message = (
+        f"the slide's stain statistics (its cell pixels, lαβ) are far from every stain the models "
+        f"know: means {float(check.get('mu_sigmas', 0.0)):.1f} target σ off (plausible ≤ "
+        f"{float(bounds.get('mu_sigmas', 0.0)):g}), spread ×{spread:.2f} (plausible ×{spread_max:.3g} "
+        "either way). "
+        + ("Reinhard normalization was skipped for this slide. " if skipped else "")
+        + "Check the slide for ink, scanner fill or an unusual stain before trusting the result"
+    )
+    out = _check(
+        flagged,
+        _finite(float(check.get("distance", 0.0)), 4),
+        ">",
+        1.0,
+        "× the plausible distance",
+        message,
+    )
+    out["normalized"] = not skipped
+    return out
+
+
 def summarize(
     cells: CellTable,
     *,
@@ -147,6 +174,7 @@ def summarize(
     timings: Mapping[str, Any],
     versions: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    stain_check: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the ``summary.json`` dictionary of one slide (strict JSON: no NaN).
 
@@ -162,6 +190,9 @@ def summarize(
         timings: seconds per stage, copied as is.
         versions: package and model versions, copied as is.
         extra: further top-level keys (e.g. ``slide``, ``slide_id``); may not replace computed keys.
+        stain_check: the plausibility of the slide's stain source statistics
+            (:func:`wsi_screen.stain.check_source`, with ``normalized``: whether Reinhard ran); adds
+            the ``stain_implausible`` QC check.
     """
     tri, ade = settings.triage, settings.adequacy
     names = [str(c) for c in class_names]
@@ -251,6 +282,8 @@ def summarize(
             f"{tiles_unreadable} of {tiles_total} processed tiles could not be read",
         ),
     }
+    if stain_check is not None:
+        checks["stain_implausible"] = _stain_check(stain_check)
     qc = {"flags": [k for k, v in checks.items() if v["flagged"]], "checks": checks}
 
     # -- triage -----------------------------------------------------------------------------------

@@ -1032,10 +1032,18 @@ class _SlideContext:
 
 
 def _slide_context(
-    slide: Slide, *, settings: Settings, mpp: float, target: ReinhardStats | None
+    slide: Slide,
+    *,
+    settings: Settings,
+    mpp: float,
+    target: ReinhardStats | None,
+    localizer_target: ReinhardStats | None = None,
 ) -> _SlideContext:
-    """Cell regions, tile grid and slide source statistics exactly as :func:`run_slide` makes them."""
-    from wsi_screen.pipeline import estimate_source_stats
+    """Cell regions, tile grid and slide source statistics exactly as :func:`run_slide` makes them.
+
+    ``target``: the crops' Reinhard target; ``localizer_target``: the localizer's (its bundle's).
+    """
+    from wsi_screen.pipeline import slide_stain
     from wsi_screen.tiling import make_grid
     from wsi_screen.tissue import slide_cell_regions
 
@@ -1050,14 +1058,10 @@ def _slide_context(
         mask_mpp=regions.mpp,
         min_tissue_fraction=settings.tiling.min_tissue_fraction,
     )
-    source = None
-    tgt = None
-    if settings.stain.enabled and target is not None:
-        tgt = target
-        source = estimate_source_stats(
-            slide, grid, n_tiles=settings.stain.sample_tiles, mask_glass=settings.stain.mask_glass
-        )
-    return _SlideContext(grid=grid, source=source, target=tgt)
+    stain = slide_stain(
+        slide, grid, settings=settings.stain, target=target, localizer_target=localizer_target
+    )
+    return _SlideContext(grid=grid, source=stain.source, target=stain.target)
 
 
 def crops_from_slide(
@@ -1084,15 +1088,17 @@ def crops_from_slide(
 
     from wsi_screen.classify import cut_crops, cut_mask_crops
     from wsi_screen.config import load_settings
+    from wsi_screen.pipeline import DARK_FILL_RGB
     from wsi_screen.reader import iter_windows
     from wsi_screen.runtime import cpu_count
     from wsi_screen.slide import open_slide
-    from wsi_screen.stain import reinhard
+    from wsi_screen.stain import dark_region_mask, reinhard
 
     s = settings or load_settings()
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
     with open_slide(slide_path, backend=s.slide.backend, mpp=slide_mpp or s.slide.mpp) as slide:
-        ctx = _slide_context(slide, settings=s, mpp=mpp, target=target)
+        loc_target = None if localizer is None else getattr(localizer, "stain_target", target)
+        ctx = _slide_context(slide, settings=s, mpp=mpp, target=target, localizer_target=loc_target)
         grid = ctx.grid
         rows, cols = grid.owner(xs, ys)
         inside = rows >= 0
@@ -1107,9 +1113,10 @@ def crops_from_slide(
         for read in iter_windows(slide, tiles, mpp=grid.mpp, workers=workers, prefetch=s.reading.queue_tiles):
             if read.window is None:
                 raise DataError(f"{Path(slide_path).name}: tile {read.tile.index} unreadable ({read.error})")
-            win = torch.from_numpy(read.window)[None]
+            raw = torch.from_numpy(read.window)[None]
+            win = raw
             if ctx.target is not None and ctx.source is not None:
-                win = reinhard(win, ctx.target, source=ctx.source)
+                win = reinhard(raw, ctx.target, source=ctx.source)
             sel = np.flatnonzero(inside & (tile_ids == read.tile.index))
             px, py = read.tile.to_window(xs[sel], ys[sel])
             ti = torch.zeros(len(sel), dtype=torch.long)
@@ -1117,8 +1124,19 @@ def crops_from_slide(
             cy = torch.from_numpy(np.floor(py).astype(np.int64))
             crops = cut_crops(win, ti, cx, cy, size)
             if localizer is not None:
+                loc_in = win  # the localizer's own target (as TileProcessor does): one pass if equal
+                if loc_target != ctx.target:
+                    loc_in = (
+                        raw
+                        if loc_target is None or ctx.source is None
+                        else reinhard(raw, loc_target, source=ctx.source)
+                    )
+                if s.stain.fill_dark_regions:  # glass instead of large dark regions, as TileProcessor
+                    dark = dark_region_mask(raw, mpp=grid.mpp, isolated=False)
+                    glass = torch.tensor(DARK_FILL_RGB, dtype=torch.uint8)
+                    loc_in = torch.where(dark[..., None], glass, loc_in)
                 (cands,) = localizer.localize(
-                    win.to(localizer.device), window_mpp=grid.mpp, halo_px=grid.halo
+                    loc_in.to(localizer.device), window_mpp=grid.mpp, halo_px=grid.halo
                 )
                 hw = (int(win.shape[1]), int(win.shape[2]))
                 crops = torch.cat(
@@ -1363,7 +1381,14 @@ def _run_device_stage(
     device: torch.device,
     mask_channel: bool = False,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
-    """Every cell the pipeline would classify on a slide: level-0 (x, y) and its crop."""
+    """Every cell the pipeline would classify on a slide: level-0 (x, y) and its crop.
+
+    Cells on tile edges are settled by the slide's :class:`~wsi_screen.localize.CoverageResolver`, as
+    in :func:`~wsi_screen.pipeline.run_slide`: each cell once, with the crop of the tile whose version
+    was kept.
+    """
+    from wsi_screen.cells import CellTable
+    from wsi_screen.localize import CoverageResolver
     from wsi_screen.pipeline import TileProcessor
     from wsi_screen.reader import iter_windows
     from wsi_screen.runtime import cpu_count
@@ -1372,18 +1397,33 @@ def _run_device_stage(
     xs: list[NDArray[np.float64]] = []
     ys: list[NDArray[np.float64]] = []
     crops: list[NDArray[np.uint8]] = []
+    # Crops of the cells the resolver may still report, by (tile, x, y) of the tile's version.
+    held: dict[tuple[int, float, float], NDArray[np.uint8]] = {}
+
+    def emit(table: CellTable) -> None:
+        xs.append(np.asarray(table.x, np.float64))
+        ys.append(np.asarray(table.y, np.float64))
+        crops.extend(
+            held.pop((int(t), float(a), float(b)))
+            for t, a, b in zip(table.tile.tolist(), table.x.tolist(), table.y.tolist(), strict=True)
+        )
+
     with open_slide(slide_path, backend=settings.slide.backend) as slide:
-        ctx = _slide_context(slide, settings=settings, mpp=mpp, target=target)
+        loc_target = getattr(localizer, "stain_target", target)
+        ctx = _slide_context(slide, settings=settings, mpp=mpp, target=target, localizer_target=loc_target)
+        coverage = CoverageResolver(ctx.grid)
         proc = TileProcessor(
             localizer=localizer,
             classifier=None,
             grid=ctx.grid,
             source=ctx.source,
             target=ctx.target,
+            fill_dark=settings.stain.fill_dark_regions,
             crop_size=size,
             device=device,
             keep_crops=True,
             mask_channel=mask_channel,
+            coverage=coverage,
         )
         batch: list[Any] = []
 
@@ -1391,11 +1431,14 @@ def _run_device_stage(
             if not batch:
                 return
             res = proc([t for t, _ in batch], [w for _, w in batch])
-            for table in res.tables:
-                xs.append(np.asarray(table.x, np.float64))
-                ys.append(np.asarray(table.y, np.float64))
-            if res.crops is not None:
-                crops.append(res.crops.cpu().numpy())
+            assert res.crops is not None  # keep_crops
+            tile_crops = res.crops.cpu().numpy()
+            start = 0
+            for (tile, _), table in zip(batch, res.tables, strict=True):
+                for i, (a, b) in enumerate(zip(table.x.tolist(), table.y.tolist(), strict=True)):
+                    held[(tile.index, float(a), float(b))] = tile_crops[start + i]
+                start += len(table)
+                emit(coverage.add(tile, table))
             batch.clear()
 
         tiles = list(ctx.grid.tiles(kept_only=True))
@@ -1405,13 +1448,16 @@ def _run_device_stage(
         ):
             if read.window is not None:
                 batch.append((read.tile, read.window))
+            else:
+                emit(coverage.skip(read.tile))
             if len(batch) >= max(1, settings.localization.batch_size):
                 flush()
         flush()
+        emit(coverage.finish())
     empty = np.zeros((0, size, size, 4 if mask_channel else 3), np.uint8)
-    if not xs:
+    if not crops:
         return np.zeros(0), np.zeros(0), empty
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(crops) if crops else empty
+    return np.concatenate(xs), np.concatenate(ys), np.stack(crops)
 
 
 def synthetic_crops(
