@@ -376,7 +376,6 @@ def score_slide(
         cells = cells.subset(np.flatnonzero(cells.detection_score >= min_detection_score))
     tiles = read_tiles(cells_zarr)
     r = max(1, round(hit_dilation_um / mpp))
-    fp_struct = np.ones((2 * r + 1, 2 * r + 1), bool)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     fp_struct = (yy * yy + xx * xx) <= r * r
     dil = grey_dilation(labels, footprint=fp_struct)

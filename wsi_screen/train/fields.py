@@ -215,9 +215,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale_px: fl
     return out
 
 
-def _glass(rng: np.random.Generator, shape: tuple[int, int], cells: Sequence[CropCell]) -> F32:
-    """A glass background in OD: the glass tint of a random crop, smooth unevenness and grain."""
-    del cells
+def _glass(rng: np.random.Generator, shape: tuple[int, int]) -> F32:
+    """A glass background in OD: a random light tint, smooth unevenness and grain."""
     tint = np.clip(rng.uniform(222, 248) + rng.normal(0, 4, 3), 200, 252)
     od = np.broadcast_to(_od(tint)[None, None, :], (*shape, 3)).copy()
     od += 0.02 * _smooth_noise(rng, shape, 30.0)[..., None]
@@ -249,6 +248,7 @@ def compose_fields(
     """
     from scipy.ndimage import binary_dilation, gaussian_filter
     from scipy.ndimage import label as cc_label
+    from skimage.segmentation import relabel_sequential
 
     if not cells:
         raise TrainingDataError("compose_fields needs at least one cell")
@@ -275,7 +275,7 @@ def compose_fields(
                 next_id += 1
             unknown_cells = True
         else:
-            od = _glass(rng, shape, cells)
+            od = _glass(rng, shape)
             unknown_cells = False
         for _ in range(int(rng.integers(cells_per_field[0], cells_per_field[1] + 1))):
             c = cells[int(rng.integers(len(cells)))]
@@ -330,8 +330,6 @@ def compose_fields(
         od += rng.normal(0.0, 0.006, size=od.shape).astype(np.float32)
         rgb = _rgb(od.astype(np.float32))
         # Relabel consecutively (overlaps may have split or removed some instances).
-        from skimage.segmentation import relabel_sequential
-
         labels = relabel_sequential(labels)[0].astype(np.int32)  # type: ignore[no-untyped-call]
         out.append(
             AnnotatedImage(
