@@ -424,6 +424,8 @@ def resolve_models(args: argparse.Namespace, work: Path) -> tuple[Any, dict[str,
         overrides["classification.batch_size"] = args.classify_batch
     if args.localize_batch:
         overrides["localization.batch_size"] = args.localize_batch
+    if args.candidates:
+        overrides["localization.candidates"] = args.candidates
     return settings.with_overrides(overrides), note
 
 
@@ -945,7 +947,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"{_fmt(loc['tiles_per_s'], 2)} tiles/s",
         f"U-Net alone {_fmt(loc['unet_tiles_per_s'], 2)} tiles/s; candidates "
         f"{_fmt(loc['candidates_s'], 2)} s for {loc['candidates']} nuclei in {st['windows']} tiles "
-        f"({r['settings'].get('candidate_workers') or 'no'} candidate processes)",
+        + (
+            f"(torch, batched on {st['device']})"
+            if r["settings"].get("candidate_path") == "torch"
+            else f"({r['settings'].get('candidate_workers') or 'no'} candidate processes)"
+        ),
     )
     row(
         "crop (ownership, outlines, cut)",
@@ -1045,6 +1051,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--classify-batch", type=int, default=0, help="classifier batch (0 = settings')")
     p.add_argument("--localize-batch", type=int, default=0, help="tiles per device batch (0 = settings')")
+    p.add_argument(
+        "--candidates",
+        choices=["auto", "cpu", "torch"],
+        help="candidate extraction path (localization.candidates; default: the settings')",
+    )
     p.add_argument("--variants", action="store_true", help="also time layout/bf16/torch.compile variants")
     p.add_argument("--no-report", action="store_true", help="skip report.html in the end-to-end run")
     p.add_argument(
@@ -1142,6 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "queue_tiles": settings.reading.queue_tiles,
         "localize_batch": settings.localization.batch_size,
         "candidate_workers": models.localizer.candidate_workers,
+        "candidate_path": models.localizer.candidate_path,
         "classify_batch": settings.classification.batch_size,
         "heap_tuning": heap_tuning,
     }

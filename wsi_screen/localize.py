@@ -2,9 +2,11 @@
 
 :class:`Localizer` takes Reinhard-normalized read windows (core + halo, channels-last uint8 on the
 device), runs the U-Net at the bundle's µm/px on the core plus the context the model needs
-(``inference.context_um``), and turns the probability maps into candidates
-(:func:`wsi_screen.candidates.extract_candidates`) with coordinates in **window pixels at the window's
-µm/px** (continuous: pixel ``i`` spans ``[i, i + 1)``), ready for ``Tile.to_level0``.
+(``inference.context_um``), and turns the probability maps into candidates with coordinates in
+**window pixels at the window's µm/px** (continuous: pixel ``i`` spans ``[i, i + 1)``), ready for
+``Tile.to_level0``: tile by tile on the CPU (:func:`wsi_screen.candidates.extract_candidates`), or the
+whole batch on the U-Net's device (:func:`wsi_screen.candidates_torch.extract_candidates_torch`),
+as ``localization.candidates`` says (:func:`resolve_candidate_path`).
 
 Ownership: neighbouring tiles see a nucleus on their shared core edge with slightly different centres,
 so ``Tile.owns`` applied by each tile alone can report it twice or never. :class:`CoverageResolver`
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,6 +63,7 @@ __all__ = [
     "TileCandidates",
     "localize_region",
     "model_input",
+    "resolve_candidate_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -244,9 +247,14 @@ class Localizer:
         }
         self.batch_size = int(settings.batch_size)
         self.cpu_bf16 = bool(cpu_bf16)
-        self.candidate_workers = resolve_candidate_workers(
-            settings.candidate_workers, device, batch_size=self.batch_size
+        self.candidate_path = resolve_candidate_path(settings.candidates, device)
+        self.candidate_workers = (
+            resolve_candidate_workers(settings.candidate_workers, device, batch_size=self.batch_size)
+            if self.candidate_path == "cpu"
+            else 0
         )
+        if self.candidate_path == "torch" and settings.candidate_workers:
+            logger.info("localization.candidate_workers is ignored: candidates are extracted on %s", device)
         if self.candidate_workers and multiprocessing.current_process().daemon:
             logger.info(
                 "candidates are extracted in the device thread: this is a daemonic process (e.g. a "
@@ -319,11 +327,30 @@ class Localizer:
         trim = halo_px - min(halo_px, self.context_px(window_mpp))
         crop = windows[:, trim : h - trim, trim : w - trim] if trim else windows
         probs_t, od_t, (sy, sx) = self._forward(crop, window_mpp)
-        probs = probs_t.cpu().numpy()
-        ods = od_t.cpu().numpy()
         map_mpp = float(window_mpp) * (sy + sx) / 2.0
         ch = {name: i for i, name in enumerate(self.channels)}
         s = self.settings
+        floor = self.thresholds["detection"]
+        if self.candidate_path == "torch":
+            from wsi_screen.candidates_torch import extract_candidates_torch
+
+            found = extract_candidates_torch(
+                probs_t[:, ch["nucleus"]],
+                mpp=map_mpp,
+                marker=probs_t[:, ch["marker"]] if "marker" in ch else None,
+                cell=probs_t[:, ch["cell"]] if "cell" in ch else None,
+                od=od_t,
+                nucleus_threshold=self.thresholds["nucleus"],
+                marker_threshold=self.thresholds["marker"],
+                cell_threshold=self.thresholds["cell"],
+                min_area_um2=s.min_nucleus_area_um2,
+                max_area_um2=s.max_nucleus_area_um2,
+                min_peak_distance_um=s.min_peak_distance_um,
+                min_detection_score=floor,  # no outlines for the nuclei dropped below
+            )
+            return [_to_window(c, sx=sx, sy=sy, offset=float(trim)) for c in found]
+        probs = probs_t.cpu().numpy()
+        ods = od_t.cpu().numpy()
         jobs = [
             {
                 "nucleus": probs[i, ch["nucleus"]],
@@ -341,7 +368,6 @@ class Localizer:
             for i in range(b)
         ]
         out = [_to_window(c, sx=sx, sy=sy, offset=float(trim)) for c in self._extract(jobs)]
-        floor = self.thresholds["detection"]
         if floor > 0:  # nuclei whose mean nucleus probability is low are mostly debris and cytoplasm
             out = [c.select(c.detection_score >= floor) for c in out]
         return out
@@ -371,6 +397,22 @@ class Localizer:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_candidate_path(requested: str, device: torch.device) -> Literal["cpu", "torch"]:
+    """``cpu`` or ``torch`` for ``localization.candidates`` on ``device``.
+
+    ``auto``: the torch path on CUDA, where the maps stay on the device and a batch is extracted at
+    once (the CPU path held a GPU run to 30–42 tiles/s); the CPU path elsewhere, where it is faster
+    than the same torch code on the CPU (``docs/performance.md``, *Candidate extraction in torch*).
+    """
+    if requested == "auto":
+        return "torch" if device.type == "cuda" else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "torch":
+        return "torch"
+    raise ValueError(f"localization.candidates must be auto, cpu or torch, got {requested!r}")
 
 
 def resolve_candidate_workers(requested: int | None, device: torch.device, *, batch_size: int) -> int:
