@@ -1282,6 +1282,7 @@ def run_batch(
             ", watching" if watch else "",
         )
         identity = models_identity(settings)  # fails early (one line) if a bundle is missing
+        settings.operating_point.check_models(identity)  # a calibrated preset holds for its models only
         key_models = models_hash(identity)
         key_config = config_hash(settings)
         if executor is None:

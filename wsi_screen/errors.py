@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BundleError",
     "BundleNotFoundError",
+    "CalibrationError",
     "ConfigError",
     "CorruptSlideError",
     "CorruptTileError",
@@ -59,3 +60,7 @@ class BundleError(WsiScreenError, ValueError):
 
 class BundleNotFoundError(BundleError, FileNotFoundError):
     """A model bundle (name or path) does not exist."""
+
+
+class CalibrationError(WsiScreenError, ValueError):
+    """A batch output and its slide diagnoses cannot calibrate (or validate) an operating point."""

@@ -127,25 +127,31 @@ def _read_csv(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
     return fields, rows
 
 
-def read_labels_csv(path: str | Path) -> list[tuple[int, str, str | None]]:
+def read_labels_csv(
+    path: str | Path, *, label_columns: Sequence[str] = ("label",)
+) -> list[tuple[int, str, str | None]]:
     """Rows ``(line, slide, label)`` of a labels CSV; ``label`` canonical, ``None`` when the cell is empty.
 
-    Raises :class:`EvaluationError` naming a missing column or an unknown label.
+    The label is read from the first of ``label_columns`` the CSV has. Raises :class:`EvaluationError`
+    naming a missing column or an unknown label.
     """
     p = Path(path)
     if not p.is_file():
         raise EvaluationInputNotFoundError(f"labels CSV {p} does not exist")
     fields, rows = _read_csv(p, "labels CSV")
-    for column in ("slide", "label"):
-        if column not in fields:
-            found = ", ".join(f for f in fields if f) or "none"
+    found = ", ".join(f for f in fields if f) or "none"
+    wanted = " or ".join(f"'{c}'" for c in label_columns)
+    label_column = next((c for c in label_columns if c in fields), None)
+    for shown, present in (("'slide'", "slide" in fields), (wanted, label_column is not None)):
+        if not present:
             raise EvaluationError(
-                f"labels CSV {p} has no '{column}' column (found: {found}); "
-                "it needs a header row with 'slide' and 'label'"
+                f"labels CSV {p} has no {shown} column (found: {found}); "
+                f"it needs a header row with 'slide' and {wanted}"
             )
+    column = label_column or label_columns[0]
     out: list[tuple[int, str, str | None]] = []
     for i, row in enumerate(rows, start=2):
-        slide, raw = row.get("slide", ""), row.get("label", "")
+        slide, raw = row.get("slide", ""), row.get(column, "")
         if not slide and not raw:
             continue
         if not slide:

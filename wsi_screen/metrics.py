@@ -33,6 +33,8 @@ __all__ = [
     "binary_auroc",
     "binary_counts",
     "classification_metrics",
+    "clopper_pearson_interval",
+    "clopper_pearson_lower",
     "confusion_matrix",
     "expected_calibration_error",
     "format_metrics_table",
@@ -47,6 +49,7 @@ __all__ = [
     "precision_recall_f1",
     "reliability_bins",
     "roc_curve",
+    "slides_needed",
     "wilson_interval",
     "write_metrics_report",
 ]
@@ -127,6 +130,84 @@ def wilson_interval(successes: int, n: int, *, z: float = 1.959963984540054) -> 
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _check_binomial(successes: int, n: int, confidence: float) -> None:
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+
+
+def clopper_pearson_lower(successes: int, n: int, *, confidence: float = 0.95) -> float | None:
+    """Exact one-sided Clopper–Pearson lower bound of a binomial proportion; None when ``n`` is 0.
+
+    The largest ``p`` with ``P(X ≥ successes | n, p) ≤ 1 − confidence``: the ``1 − confidence`` quantile
+    of Beta(successes, n − successes + 1), and 0 at no successes. With ``n`` of ``n`` it is
+    ``(1 − confidence) ** (1 / n)`` (59 of 59 at 95 %: 0.9505).
+    """
+    _check_binomial(successes, n, confidence)
+    if n == 0:
+        return None
+    if successes == 0:
+        return 0.0
+    if successes == n:  # closed form, exact to the last bit
+        return float((1.0 - confidence) ** (1.0 / n))
+    from scipy.stats import beta
+
+    return float(beta.ppf(1.0 - confidence, successes, n - successes + 1))
+
+
+def clopper_pearson_interval(
+    successes: int, n: int, *, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """Exact two-sided Clopper–Pearson interval (``confidence`` in total); None when ``n`` is 0."""
+    _check_binomial(successes, n, confidence)
+    if n == 0:
+        return None
+    from scipy.stats import beta
+
+    a = (1.0 - confidence) / 2.0
+    lo = 0.0 if successes == 0 else float(beta.ppf(a, successes, n - successes + 1))
+    hi = 1.0 if successes == n else float(beta.ppf(1.0 - a, successes + 1, n - successes))
+    return lo, hi
+
+
+def slides_needed(lower_bound: float, *, misses: int = 0, confidence: float = 0.95) -> int:
+    """Smallest ``n`` whose one-sided Clopper–Pearson lower bound, ``n − misses`` of ``n``, ≥ ``lower_bound``.
+
+    With no miss this solves ``(1 − confidence) ** (1 / n) ≥ lower_bound``:
+    ``n = ⌈ln(1 − confidence) / ln(lower_bound)⌉`` (95 % confidence: 59 slides for 0.95, 149 for 0.98,
+    299 for 0.99). Each allowed miss needs more slides; the bound grows with ``n`` at a fixed number of
+    misses, so the smallest ``n`` is found by bisection.
+    """
+    if not 0.0 < lower_bound < 1.0:
+        raise ValueError(f"lower_bound must lie in (0, 1), got {lower_bound}")
+    if misses < 0:
+        raise ValueError(f"misses must be ≥ 0, got {misses}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+
+    def ok(n: int) -> bool:
+        bound = clopper_pearson_lower(n - misses, n, confidence=confidence)
+        return bound is not None and bound >= lower_bound
+
+    lo = misses + 1
+    if misses == 0:
+        guess = max(1, math.ceil(math.log(1.0 - confidence) / math.log(lower_bound)))
+        lo = max(1, guess - 2)  # float rounding: the exact answer is within a step of the formula
+    if ok(lo):
+        return lo
+    hi = max(lo + 1, 2 * lo)
+    while not ok(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # invariant: not ok(lo), ok(hi)
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:

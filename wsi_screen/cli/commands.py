@@ -2,6 +2,7 @@
 
 from wsi_screen.cli import (  # noqa: F401
     batch,
+    calibrate,
     evaluate,
     evaluate_slides,
     export,
