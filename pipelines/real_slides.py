@@ -17,6 +17,9 @@ fall-off and sensor grain. A model that learned paste seams of the training comp
 profit here.
 
 - ``herlev``: every Herlev cell of the part (coarse expert masks; nuclei labelled by class);
+- ``cells``: every Herlev cell and ``lbc-cells`` crop of the part (foreground masks), with cell
+  footprints (``cells``) labelled by bundle class (``cell_kind``: ``herlev-bethesda``,
+  ``lbc-cells-bethesda``) for the classifier's end-to-end figures;
 - ``lbc``: the part's LBC fields (0.75 µm/px, estimated) resampled ×3, letterbox and black corners
   as they are, in a mosaic with glass between fields;
 - ``cnseg``: the part's CNSeg fields (0.33 µm/px, estimated) resampled, in a mosaic;
@@ -40,28 +43,10 @@ SLIDE_MPP = 0.25
 
 
 def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float, *, quality: int = 90) -> None:
-    """Tiled JPEG pyramidal TIFF (levels ÷4 as further pages) with the resolution in centimetres."""
-    import tifffile
-    from skimage.transform import downscale_local_mean
+    """Tiled JPEG pyramidal TIFF (:func:`wsi_screen.train.cell_slides.write_image_slide`)."""
+    from wsi_screen.train.cell_slides import write_image_slide
 
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) > 2048:
-        prev = levels[-1]
-        h, w = prev.shape[0] // 4 * 4, prev.shape[1] // 4 * 4
-        levels.append(downscale_local_mean(prev[:h, :w], (4, 4, 1)).round().astype(np.uint8))
-    with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tif:
-        for i, lev in enumerate(levels):
-            f = 4**i
-            tif.write(
-                lev,
-                photometric="rgb",
-                tile=(256, 256),
-                compression="jpeg",
-                compressionargs={"level": quality},
-                resolution=(1e4 / (mpp * f), 1e4 / (mpp * f)),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if i == 0 else 1,
-            )
+    write_image_slide(path, rgb, mpp, quality=quality)
 
 
 def _resample(a: np.ndarray, factor: float, *, labels: bool) -> np.ndarray:
@@ -91,29 +76,44 @@ def _glass(rng: np.random.Generator, shape: tuple[int, int], *, grey: bool = Fal
 
 def herlev_slide(data: Path, keys: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Herlev cells on glass, lattice-placed, RGB 'over' blending; returns rgb, labels, kind per label."""
+    from wsi_screen.train.fields import load_herlev_cells
+
+    cells = load_herlev_cells(data, keys)
+    items = [(c.rgb, c.label, c.herlev_class, 0.201) for c in cells]
+    rgb, nuclei, kinds, _, _ = lattice_slide(items, seed, fade_cut=False)
+    return rgb, nuclei, kinds
+
+
+def lattice_slide(
+    items: list[tuple[np.ndarray, np.ndarray, str, float]], seed: int, *, fade_cut: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, list[str]]:
+    """Cells (rgb, label 0 glass/1 cell/2 nucleus/255 unknown, kind, µm/px) on glass on a jittered
+    lattice with RGB 'over' blending (with ``fade_cut``, a cell whose mask meets its box fades out in
+    the box's ellipse; the Herlev localization slide keeps its first design without it).
+
+    Returns rgb, nucleus labels (labelled nuclei only) with their kinds, and cell-footprint labels with
+    their kinds.
+    """
     from scipy.ndimage import binary_dilation, gaussian_filter
     from scipy.ndimage import label as cc_label
 
-    from wsi_screen.train.fields import load_herlev_cells
-
     rng = np.random.default_rng(seed)
-    cells = load_herlev_cells(data, keys)
-    factor = 0.201 / SLIDE_MPP
     sized = []
-    for c in cells:
-        rgb = _resample(c.rgb, factor, labels=False)
-        lab = _resample(c.label, factor, labels=True)
-        sized.append((c, rgb, lab))
-    pitch = int(max(max(r.shape[:2]) for _, r, _ in sized) * 0.75) + 80  # µm-scale gap of ≥ 20 µm
+    for rgb, lab, kind, mpp in items:
+        factor = mpp / SLIDE_MPP
+        sized.append((kind, _resample(rgb, factor, labels=False), _resample(lab, factor, labels=True)))
+    pitch = int(max(max(r.shape[:2]) for _, r, _ in sized) * 0.75) + 80  # gaps of ≥ 20 µm
     cols = math.ceil(math.sqrt(len(sized)))
     rows = math.ceil(len(sized) / cols)
     H, W = rows * pitch + 256, cols * pitch + 256
     canvas = _glass(rng, (H, W))
     labels = np.zeros((H, W), np.uint32)
+    cell_labels = np.zeros((H, W), np.uint32)
     kinds: list[str] = [""]
+    cell_kinds: list[str] = [""]
     order = rng.permutation(len(sized))
     for slot, idx in enumerate(order):
-        c, rgb, lab = sized[int(idx)]
+        kind, rgb, lab = sized[int(idx)]
         k = int(rng.integers(4))
         rgb, lab = np.rot90(rgb, k), np.rot90(lab, k)
         h, w = lab.shape
@@ -133,18 +133,47 @@ def herlev_slide(data: Path, keys: list[str], seed: int) -> tuple[np.ndarray, np
         sub_rgb = rgb[: y1 - y0, : x1 - x0].astype(np.float32)
         body = binary_dilation(sub_lab > 0, iterations=2)
         alpha = gaussian_filter(body.astype(np.float32), 3.0)
-        alpha = np.maximum(alpha, (sub_lab > 0).astype(np.float32))[..., None]
+        alpha = np.maximum(alpha, (sub_lab > 0).astype(np.float32))
+        sh, sw = sub_lab.shape
+        edge = np.concatenate([body[0], body[-1], body[:, 0], body[:, -1]])
+        if fade_cut and edge.mean() > 0.05:  # cut by its box: no straight edge
+            yy, xx = np.mgrid[0:sh, 0:sw]
+            d = np.hypot(
+                (yy + 0.5 - sh / 2) / max(1.0, sh / 2 - 1), (xx + 0.5 - sw / 2) / max(1.0, sw / 2 - 1)
+            )
+            alpha *= np.clip((1.0 - d) / 0.3, 0.0, 1.0)
         region = canvas[y0:y1, x0:x1]
-        canvas[y0:y1, x0:x1] = alpha * sub_rgb + (1.0 - alpha) * region
-        nuc, n = cc_label(sub_lab == 2)
+        canvas[y0:y1, x0:x1] = alpha[..., None] * sub_rgb + (1.0 - alpha[..., None]) * region
+        cell_labels[y0:y1, x0:x1][alpha >= 0.5] = len(cell_kinds)
+        cell_kinds.append(kind)
+        nuc, n = cc_label((sub_lab == 2) & (alpha >= 0.5))
         lab_region = labels[y0:y1, x0:x1]
         for i in range(1, n + 1):
             m = nuc == i
             if m.sum() < 4:
                 continue
             lab_region[m] = len(kinds)
-            kinds.append(c.herlev_class)
-    return np.clip(canvas, 0, 255).astype(np.uint8), labels, kinds
+            kinds.append(kind)
+    return np.clip(canvas, 0, 255).astype(np.uint8), labels, kinds, cell_labels, cell_kinds
+
+
+def cells_slide(
+    data: Path, manifest: dict, part: str, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, list[str]]:
+    """Herlev cells and lbc-cells crops of ``part``, labelled by their bundle class
+    (``herlev-bethesda``, ``lbc-cells-bethesda``), for the classifier's end-to-end figures."""
+    from wsi_screen.train.cell_slides import load_labelled_cells
+    from wsi_screen.train.data import load_class_map
+    from wsi_screen.train.fields import split_names
+
+    cells = load_labelled_cells(
+        data, "herlev", split_names(manifest, "herlev", part), load_class_map("herlev-bethesda")
+    )
+    cells += load_labelled_cells(
+        data, "lbc_cells", split_names(manifest, "lbc_cells", part), load_class_map("lbc-cells-bethesda")
+    )
+    items = [(c.rgb, c.label, c.klass, c.mpp) for c in cells]
+    return lattice_slide(items, seed)
 
 
 def mosaic_slide(
@@ -185,8 +214,12 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     made = []
     for kind in which:
+        extra: dict[str, Any] = {}
         if kind == "herlev":
             rgb, labels, kinds = herlev_slide(data, split_names(m, "herlev", part), seed)
+        elif kind == "cells":
+            rgb, labels, kinds, cell_labels, cell_kinds = cells_slide(data, m, part, seed)
+            extra = {"cells": cell_labels, "cell_kind": np.asarray(cell_kinds)}
         else:
             src = {"lbc": "lbc_nuclei", "cnseg": "cnseg", "isbi": "isbi2014"}[kind]
             images = load_source_images(data, src, split_names(m, src, part))
@@ -194,7 +227,11 @@ def build(
         path = out / f"real-{kind}-{part}.tiff"
         write_pyramid_tiff(path, rgb, SLIDE_MPP)
         np.savez_compressed(
-            path.with_suffix(".truth.npz"), nuclei=labels, kind=np.asarray(kinds), mpp=np.float64(SLIDE_MPP)
+            path.with_suffix(".truth.npz"),
+            nuclei=labels,
+            kind=np.asarray(kinds),
+            mpp=np.float64(SLIDE_MPP),
+            **extra,
         )
         print(f"wrote {path} ({rgb.shape[1]}×{rgb.shape[0]} px, {len(kinds) - 1} nuclei)", flush=True)
         made.append(path)

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=None, help="state file for checkpoint/resume")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
     p.add_argument("--time-budget-min", type=float, default=None, help="stop (resumable) after this long")
+    p.add_argument("--init", default=None, help="start from this localization bundle's weights (fine-tune)")
     p.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             checkpoint=args.checkpoint,
             resume=args.resume,
+            init_from=args.init,
             time_budget_s=None if args.time_budget_min is None else 60 * args.time_budget_min,
             description=(
                 "U-Net (segmentation-models-pytorch, timm MobileNetV3-small encoder) finding nuclei in "

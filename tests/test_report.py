@@ -522,3 +522,49 @@ def test_overview_of_the_demo_slide(tmp_path: Path) -> None:
     page = (tmp_path / "demo-slide" / "report.html").read_text(encoding="utf-8")
     summary = json.loads((tmp_path / "demo-slide" / "summary.json").read_text(encoding="utf-8"))
     _check_overview(page, len(summary["top_cells"]))
+
+
+def test_unsatisfactory_slide_says_which_rule() -> None:
+    cells = make_cells(["NILM"] * 300, seed=3)
+    s = summarize(
+        cells,
+        class_names=CLASSES,
+        abnormal_classes=ABNORMAL,
+        settings=Settings(),
+        cellular_area_mm2=2.0,
+        tiles_total=4,
+        tiles_unreadable=0,
+        tiles_out_of_focus=0,
+        timings={},
+        versions={},
+    )
+    assert s["triage"] == "unsatisfactory"
+    page = _build(s, cells)
+    assert "Unsatisfactory for evaluation" in page
+    assert "<code>inadequate</code>" in page and "adequacy.min_squamous_cells" in page
+    assert "300 well-preserved squamous cells &lt; 5000" in page
+
+
+def test_operating_point_panel(summary: dict[str, Any], cells: CellTable) -> None:
+    page = _build(summary, cells)
+    assert "Operating point" in page and "Uncalibrated" in page and "uncalibrated defaults" in page
+    op = {
+        "calibrated": True,
+        "name": "lab-a-2025",
+        "date": "2025-01-02",
+        "source_batch": "/data/val",
+        "review_score": 0.21,
+        "priority_score": 0.6,
+        "target": {"hsil_plus": 1.0, "ascus_plus": 0.98, "priority": 0.9, "confidence": 0.95},
+        "sensitivity": {"hsil_plus": {"n": 59, "count": 59, "value": 1.0, "lower_bound": 0.9505}},
+        "negatives_set_aside": {"n": 80, "count": 40, "value": 0.5, "lower_bound": 0.4},
+        "auroc": 0.97,
+        "applies": True,
+    }
+    page = _build({**summary, "operating_point": op}, cells)
+    assert "lab-a-2025" in page and "Calibrated" in page
+    assert "59/59 (≥ 95.0 % with 95 % confidence), target 100 %" in page
+    assert "50.0 % (40/80)" in page
+    moved = {**op, "applies": False, "note": "thresholds differ"}
+    page = _build({**summary, "operating_point": moved}, cells)
+    assert "Does not apply" in page and "thresholds differ" in page

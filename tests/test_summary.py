@@ -254,3 +254,58 @@ def test_settings_validation() -> None:
         Settings().with_overrides({"triage.severity": {"HSIL": 2.0}})
     with pytest.raises(ConfigError, match="min_cells"):
         Settings().with_overrides({"triage.min_cells": {"HSIL": 0}})
+
+
+# -- adequacy honesty and the rule that decided (issue 15, item 4) ---------------------------------------
+def test_inadequate_with_low_confidence_abnormal_cells_is_review() -> None:
+    # Two HSIL cells at 0.55: not confident (< 0.7), so no category and a low score; their abnormality
+    # score (0.55 + shares of the other abnormal classes) is above triage.inadequate_abnormal_score.
+    labels = ["NILM"] * 300 + ["HSIL"] * 2
+    p = np.r_[np.full(300, 0.95), [0.55, 0.55]]
+    s = summ(make_cells(labels, p=p))
+    assert s["adequacy"]["adequate"] is False and s["suggested_category"] == "NILM"
+    assert s["abnormal_cells"]["confident"] == 0 and s["abnormal_cells"]["above_threshold"] == 2
+    assert s["abnormal_cells"]["max_score"] >= Settings().triage.inadequate_abnormal_score
+    assert s["score"] < Settings().triage.review_score
+    assert s["triage"] == "review" and s["triage_rule"] == "inadequate_abnormal"
+    assert "never unsatisfactory" in s["triage_reason"]
+    # Raising the documented probability above those cells makes the slide unsatisfactory again.
+    strict = load_settings(overrides={"triage.inadequate_abnormal_score": 0.9})
+    s = summ(make_cells(labels, p=p), settings=strict)
+    assert s["triage"] == "unsatisfactory" and s["triage_rule"] == "inadequate"
+    assert "highest cell abnormality score" in s["triage_reason"] and "< 0.9" in s["triage_reason"]
+
+
+def test_inadequate_with_review_score_is_review() -> None:
+    s = summ(slide(NILM=300, LSIL=2), settings=load_settings(overrides={"triage.review_score": 0.1}))
+    assert s["adequacy"]["adequate"] is False
+    assert s["triage"] == "review" and s["triage_rule"] == "review_score"
+    assert "below the adequacy threshold" in s["triage_reason"]
+
+
+def test_unsatisfactory_names_its_rule(negative_slide: CellTable) -> None:
+    s = summ(slide(NILM=300))
+    assert (s["triage"], s["triage_rule"]) == ("unsatisfactory", "inadequate")
+    assert "adequacy.min_squamous_cells" in s["triage_reason"]
+    s = summ(CellTable.empty(len(CLASSES)), cellular_area_mm2=0.0)
+    assert (s["triage"], s["triage_rule"]) == ("unsatisfactory", "no_cells")
+    assert summ(negative_slide)["triage_rule"] == "negative"
+    assert summ(slide(NILM=ADEQUATE_NILM, HSIL=8))["triage_rule"] == "priority_category"
+    assert summ(slide(NILM=ADEQUATE_NILM, LSIL=3))["triage_rule"] == "review_category"
+
+
+def test_priority_score_rule() -> None:
+    cells = slide(NILM=ADEQUATE_NILM, LSIL=2, ASC_US=4)  # no category supported, a middling score
+    base = summ(cells)
+    assert base["suggested_category"] == "NILM"
+    settings = load_settings(overrides={"triage.review_score": 0.1, "triage.priority_score": 0.2})
+    s = summ(cells, settings=settings)
+    assert base["score"] >= 0.2
+    assert (s["triage"], s["triage_rule"]) == ("priority", "priority_score")
+    assert s["rules"]["triage"]["priority_score"] == 0.2
+
+
+def test_summary_names_uncalibrated_operating_point(negative_slide: CellTable) -> None:
+    op = summ(negative_slide)["operating_point"]
+    assert op["calibrated"] is False and op["applies"] is True
+    assert op["note"].startswith("uncalibrated defaults")

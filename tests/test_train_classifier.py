@@ -593,3 +593,36 @@ def test_augmentations_keep_the_cell_centred() -> None:
     centre = full[:, :, 28:36, 28:36].mean(dim=(1, 2, 3))
     corner = full[:, :, :8, :8].mean(dim=(1, 2, 3))
     assert bool((centre < corner - 60).all())  # the nucleus is still in the middle
+
+
+def test_a_given_split_is_used_as_is(tmp_path: Path) -> None:
+    """train_classifier(split=...) trains on exactly the given indices (a split manifest's parts)."""
+    import json
+
+    from wsi_screen.train.classifier import TrainConfig, train_classifier
+    from wsi_screen.train.data import CropSet, DataError
+
+    rng = np.random.default_rng(0)
+    n = 24
+    data = CropSet(
+        crops=rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
+        labels=np.arange(n, dtype=np.int64) % 3,
+        groups=np.array([f"g{i // 2}" for i in range(n)]),
+        class_names=["NILM", "HSIL", "organism"],
+        mpp=0.25,
+        sources=np.array(["test"] * n),
+    )
+    cfg = TrainConfig(arch="mobilenetv3_small_050", epochs=1, batch_size=8, device="cpu", seed=0)
+    # Groups g0/g1 are split across parts on purpose: the given split is indices, not groups.
+    split = {"train": np.arange(0, 15), "val": np.arange(15, 21), "test": np.arange(21, 24)}
+    res = train_classifier(data, tmp_path / "b", config=cfg, split=split, progress=False)
+    saved = json.loads((tmp_path / "b" / "split.json").read_text())
+    assert (saved["train"]["n"], saved["val"]["n"], saved["test"]["n"]) == (15, 6, 3)
+    assert "given by the caller" in saved["group_rule"]
+    assert res.bundle.config.abnormal_classes == ["HSIL"]  # organism counts as normal
+    with pytest.raises(DataError, match="overlap"):
+        train_classifier(
+            data, tmp_path / "c", config=cfg, split={"train": [0, 1, 2], "val": [2, 3]}, progress=False
+        )
+    with pytest.raises(DataError, match="outside"):
+        train_classifier(data, tmp_path / "d", config=cfg, split={"train": [0, 99]}, progress=False)

@@ -189,3 +189,24 @@ def test_train_cli_errors(tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert isinstance(result.exception, TrainingDataError) and "same stem" in str(result.exception)
+
+
+def test_init_from_a_bundle_starts_from_its_weights(tmp_path: Path) -> None:
+    from wsi_screen.train.unet import TrainingDataError
+
+    images, masks, cyto = _write_set(tmp_path / "d", 2)
+    recipe = UNetRecipe(crop_px=64, batch_size=2, decoder_channels=(16, 8, 8, 8, 8), lr=1e-12)
+    kw = dict(mpp=0.25, cytoplasm_dir=cyto, steps=1, recipe=recipe, device="cpu", seed=7, progress=False)
+    first = train_unet(images, masks, out_dir=tmp_path / "first", **kw)  # type: ignore[arg-type]
+    # Another seed would start from other random weights; from the bundle, one step at lr 1e-12 keeps
+    # the (half-precision) weights of the bundle.
+    tuned = train_unet(images, masks, out_dir=tmp_path / "tuned", init_from=first.path, **{**kw, "seed": 9})  # type: ignore[arg-type]
+    fresh = train_unet(images, masks, out_dir=tmp_path / "fresh", **{**kw, "seed": 9})  # type: ignore[arg-type]
+    sa, st, sf = first.state_dict(), tuned.state_dict(), fresh.state_dict()
+    w = [k for k in sa if k.endswith("weight") and sa[k].ndim == 4]
+    assert all(torch.equal(sa[k], st[k]) for k in w)
+    assert not all(torch.equal(sa[k], sf[k]) for k in w)
+    assert tuned.config.training["init_from"]["name"] == first.config.name
+    other = UNetRecipe(crop_px=64, batch_size=2, decoder_channels=(16, 8, 8, 8, 8), representation="rgb")
+    with pytest.raises(TrainingDataError, match="input_representation 'od_gray'"):
+        train_unet(images, masks, out_dir=tmp_path / "x", init_from=first.path, **{**kw, "recipe": other})  # type: ignore[arg-type]

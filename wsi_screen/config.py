@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,10 @@ __all__ = [
     "AdequacySettings",
     "ClassificationSettings",
     "LocalizationSettings",
+    "ModelIdentity",
+    "OperatingPointFigure",
+    "OperatingPointSettings",
+    "OperatingPointTarget",
     "OutputSettings",
     "ReadingSettings",
     "RuntimeSettings",
@@ -125,6 +129,14 @@ class LocalizationSettings(_Section):
             "batch_size; 0 on the CPU, where the U-Net already uses every core)"
         ),
     )
+    candidates: Literal["auto", "cpu", "torch"] = Field(
+        "auto",
+        description=(
+            "candidate extraction: 'cpu' (scipy/scikit-image, one tile at a time, in candidate_workers "
+            "processes), 'torch' (batched on the U-Net's device, the maps never leave it: "
+            "wsi_screen.candidates_torch), 'auto' (torch on CUDA, cpu elsewhere, where it is faster)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _areas(self) -> LocalizationSettings:
@@ -139,9 +151,9 @@ class LocalizationSettings(_Section):
 class ClassificationSettings(_Section):
     """Cell classifier bundle(s); several bundles are averaged (an ensemble)."""
 
-    # cyto-synth-v1 stays the default (demo, CI, synthetic slides); on a real slide pass
-    # --model cyto-herlev-v1 explicitly — measured decision in docs/models.md (cyto-herlev-v1 card).
-    models: list[str] = Field(default_factory=lambda: ["cyto-synth-v1"], min_length=1)
+    # cyto-real-v1 (real cells of several sources + synthetic cells, 9 classes) is the default since it
+    # was measured against cyto-synth-v1 and cyto-herlev-v1 on held-out real cells (docs/models.md).
+    models: list[str] = Field(default_factory=lambda: ["cyto-real-v1"], min_length=1)
     batch_size: int = Field(128, ge=1, le=65536)
 
     @field_validator("models", mode="before")
@@ -161,7 +173,7 @@ class AdequacySettings(_Section):
     min_squamous_cells: int = Field(5000, ge=0, description="cells needed for an adequate specimen")
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="a cell counts if max prob ≥ this")
     exclude_classes: list[str] = Field(
-        default_factory=lambda: ["artifact"],
+        default_factory=lambda: ["artifact", "organism"],
         description="predicted classes that are not well-preserved squamous cells",
     )
 
@@ -171,17 +183,44 @@ class TriageSettings(_Section):
 
     confidence: float = Field(0.7, ge=0.0, le=1.0, description="a cell is confident if its prob ≥ this")
     min_cells: dict[str, int] = Field(
-        default_factory=lambda: {"HSIL": 2, "LSIL": 3, "ASC-US": 5},
-        description="confident cells needed to suggest each category",
+        default_factory=lambda: {"SCC": 2, "HSIL": 2, "ASC-H": 2, "AGC": 2, "LSIL": 3, "ASC-US": 5},
+        description="confident cells needed to suggest each category (classes a model lacks are ignored)",
     )
     severity: dict[str, float] = Field(
-        default_factory=lambda: {"ASC-US": 0.5, "LSIL": 0.7, "HSIL": 1.0},
+        default_factory=lambda: {
+            "ASC-US": 0.5,
+            "LSIL": 0.7,
+            "AGC": 0.85,
+            "ASC-H": 0.85,
+            "HSIL": 1.0,
+            "SCC": 1.0,
+        },
         description="weight in [0, 1] of each abnormal class in the ranking score (unlisted: 1.0)",
     )
     top_k: int = Field(10, ge=1, le=10_000, description="cells averaged into the ranking score")
     review_score: float = Field(0.5, ge=0.0, le=1.0, description="score that sends a slide to review")
-    priority_categories: list[str] = Field(default_factory=lambda: ["HSIL"])
+    priority_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="score that sends a slide to priority review (None: priority by category only; "
+        "`wsi-screen calibrate` sets it)",
+    )
+    inadequate_abnormal_score: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="an inadequate slide with a cell whose abnormality score (summed abnormal-class "
+        "probability) is at least this goes to review, never unsatisfactory",
+    )
+    priority_categories: list[str] = Field(
+        default_factory=lambda: ["HSIL", "SCC", "ASC-H", "AGC"],
+        description="categories sent to priority review (HSIL+ is HSIL and SCC; ASC-H and AGC join them)",
+    )
     review_categories: list[str] = Field(default_factory=lambda: ["ASC-US", "LSIL"])
+    min_organism_cells: int = Field(
+        3, ge=1, description="confident organism cells that raise the slide's organism finding (NILM)"
+    )
     min_cellular_area_mm2: float = Field(0.05, ge=0.0, description="QC: less cellular area is flagged")
     max_artifact_fraction: float = Field(0.5, ge=0.0, le=1.0, description="QC: flag above this")
     min_focus: float = Field(
@@ -204,6 +243,13 @@ class TriageSettings(_Section):
             raise ValueError(f"severity weights must lie in [0, 1], got {bad}")
         return v
 
+    @model_validator(mode="after")
+    def _priority_above_review(self) -> TriageSettings:
+        p = self.priority_score
+        if p is not None and p < self.review_score:
+            raise ValueError(f"priority_score ({p}) must not be below review_score ({self.review_score})")
+        return self
+
     @field_validator("min_cells")
     @classmethod
     def _min_cells_positive(cls, v: dict[str, int]) -> dict[str, int]:
@@ -216,7 +262,13 @@ class TriageSettings(_Section):
 class OutputSettings(_Section):
     """What is written next to ``cells.zarr`` (``wsi-screen export`` re-exports with other values)."""
 
-    flag_min_score: float = Field(0.5, ge=0.0, le=1.0, description="cells exported to GeoJSON")
+    flag_min_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="cells with an abnormality score ≥ this are exported to GeoJSON "
+        "(None: the classifier bundle's thresholds.flag_score, else 0.5)",
+    )
     flag_classes: list[str] = Field(
         default_factory=list, description="only cells predicted as these classes (empty: any class)"
     )
@@ -232,6 +284,136 @@ class OutputSettings(_Section):
         250.0, gt=0.0, le=10_000.0, description="side of a heat-map square in the report, µm"
     )
     zarr_chunk_cells: int = Field(65536, ge=1024, description="rows per Zarr chunk")
+
+
+UNCALIBRATED_NOTE = (
+    "uncalibrated defaults: the triage thresholds (triage.review_score, triage.priority_score) were not "
+    "chosen on diagnosed slides of this lab and no sensitivity has been validated with them; "
+    "run `wsi-screen calibrate` on validation slides (docs/calibration.md)"
+)
+
+
+class ModelIdentity(_Section):
+    """One model bundle an operating point was calibrated with (as in ``summary.json`` ``versions``)."""
+
+    task: str
+    name: str
+    version: str | None = None
+    sha256: str
+
+
+class OperatingPointTarget(_Section):
+    """What an operating point was chosen to reach."""
+
+    hsil_plus: float = Field(1.0, ge=0.0, le=1.0, description="share of HSIL+ slides kept in review")
+    ascus_plus: float = Field(0.98, ge=0.0, le=1.0, description="share of ASC-US+ slides kept in review")
+    priority: float = Field(0.9, ge=0.0, le=1.0, description="share of HSIL+ slides triaged priority")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="one-sided confidence of the lower bounds")
+    high_grade: list[str] = Field(
+        default_factory=lambda: ["HSIL", "SCC", "AIS", "ADENOCARCINOMA"],
+        description="diagnoses counted as HSIL+",
+    )
+
+
+class OperatingPointFigure(_Section):
+    """A proportion measured on the calibration slides: ``count`` of ``n``."""
+
+    n: int = Field(ge=0)
+    count: int = Field(ge=0)
+    value: float | None = Field(None, ge=0.0, le=1.0)
+    lower_bound: float | None = Field(
+        None, ge=0.0, le=1.0, description="exact one-sided Clopper–Pearson lower bound (sensitivities)"
+    )
+
+    @model_validator(mode="after")
+    def _count(self) -> OperatingPointFigure:
+        if self.count > self.n:
+            raise ValueError(f"count ({self.count}) exceeds n ({self.n})")
+        return self
+
+
+class OperatingPointSettings(_Section):
+    """The operating point behind the triage thresholds, written by ``wsi-screen calibrate``.
+
+    Uncalibrated by default. ``summary.json`` and ``report.html`` copy it, so every triage names the
+    operating point that produced it and the figures it was validated with.
+    """
+
+    calibrated: bool = False
+    name: str = "uncalibrated-defaults"
+    note: str = UNCALIBRATED_NOTE
+    date: str | None = Field(None, description="calibration date (ISO 8601)")
+    source_batch: str | None = Field(None, description="batch output the thresholds were chosen on")
+    diagnoses: str | None = Field(None, description="CSV of the slide diagnoses")
+    review_score: float | None = Field(None, ge=0.0, le=1.0, description="calibrated review threshold")
+    priority_score: float | None = Field(None, ge=0.0, le=1.0, description="calibrated priority threshold")
+    target: OperatingPointTarget | None = None
+    sensitivity: dict[str, OperatingPointFigure] = Field(
+        default_factory=dict, description="achieved: HSIL+ and ASC-US+ kept, HSIL+ in priority"
+    )
+    negatives_set_aside: OperatingPointFigure | None = Field(
+        None, description="NILM slides triaged negative (no further review)"
+    )
+    auroc: float | None = Field(None, ge=0.0, le=1.0, description="slide score AUROC, ASC-US+ vs NILM")
+    n_slides: dict[str, int] = Field(default_factory=dict, description="calibration slides per diagnosis")
+    models: list[ModelIdentity] = Field(default_factory=list, description="models of the calibration batch")
+    adequacy: dict[str, Any] = Field(default_factory=dict, description="adequacy rules of that batch")
+
+    @model_validator(mode="after")
+    def _complete(self) -> OperatingPointSettings:
+        if self.calibrated:
+            missing = [
+                k for k in ("review_score", "target", "negatives_set_aside") if getattr(self, k) is None
+            ]
+            if not self.models:
+                missing.append("models")
+            if missing:
+                raise ValueError(f"a calibrated operating point needs {', '.join(missing)}")
+        return self
+
+    def matches(self, triage: TriageSettings) -> bool:
+        """Whether ``triage`` uses the thresholds this operating point was calibrated for."""
+        if not self.calibrated:
+            return True
+        return triage.review_score == self.review_score and triage.priority_score == self.priority_score
+
+    def describe(self, triage: TriageSettings) -> dict[str, Any]:
+        """The ``operating_point`` block of ``summary.json``: this section plus whether it applies."""
+        out: dict[str, Any] = {
+            k: v for k, v in self.model_dump(mode="json", exclude_none=True).items() if v not in ({}, [])
+        }
+        out["applies"] = self.matches(triage)
+        if not out["applies"]:
+            out["note"] = (
+                f"the triage thresholds (review_score {triage.review_score}, priority_score "
+                f"{triage.priority_score}) differ from those of operating point {self.name!r} "
+                f"(review_score {self.review_score}, priority_score {self.priority_score}): "
+                "its validated figures do not apply to this triage"
+            )
+        return out
+
+    def check_models(self, models: Sequence[Mapping[str, Any]]) -> None:
+        """Raise :class:`ConfigError` unless ``models`` (task, name, sha256) are those calibrated with."""
+        if not self.calibrated:
+            return
+        want = sorted((m.task, m.sha256) for m in self.models)
+        have = sorted((str(m.get("task", "")), str(m.get("sha256", ""))) for m in models)
+        if want == have:
+            return
+
+        def names(ms: Sequence[Any]) -> str:
+            return ", ".join(
+                f"{_get(m, 'task')} {_get(m, 'name')} ({str(_get(m, 'sha256'))[:12]})" for m in ms
+            )
+
+        raise ConfigError(
+            f"operating point {self.name!r} was calibrated with {names(self.models)}, but this run uses "
+            f"{names(list(models))}: run with the calibrated models or calibrate again for these"
+        )
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key, "?") if isinstance(obj, Mapping) else getattr(obj, key, "?")
 
 
 class RuntimeSettings(_Section):
@@ -264,6 +446,7 @@ class Settings(_Section):
     triage: TriageSettings = TriageSettings()
     output: OutputSettings = OutputSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    operating_point: OperatingPointSettings = OperatingPointSettings()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict."""

@@ -71,6 +71,7 @@ CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     "HSIL": (198, 40, 40),
     "SCC": (123, 31, 162),
     "AGC": (2, 136, 209),
+    "organism": (0, 137, 123),
     "artifact": (117, 117, 117),
 }
 
@@ -543,7 +544,9 @@ def export_store(
     def default(key: str) -> Any:
         return run_output.get(key, getattr(defaults, key))
 
-    min_score = float(default("flag_min_score") if min_score is None else min_score)
+    if min_score is None:
+        recorded = default("flag_min_score")
+        min_score = 0.5 if recorded is None else float(recorded)
     classes = list(default("flag_classes") if classes is None else classes)
     cap = int(default("flag_max_cells") if max_cells is None else max_cells)
     otype: ObjectType = default("object_type") if object_type is None else object_type

@@ -113,6 +113,22 @@ class Models:
         return out
 
 
+#: The export threshold when neither the settings nor the classifier bundle name one.
+FALLBACK_FLAG_SCORE = 0.5
+
+
+def resolve_flag_threshold(settings: Settings, classifier: Any) -> Settings:
+    """Settings whose ``output.flag_min_score`` is a number: the setting when given, else the first
+    classifier bundle's ``thresholds.flag_score`` (chosen on its validation data), else 0.5."""
+    if settings.output.flag_min_score is not None:
+        return settings
+    bundles = getattr(classifier, "bundles", None) or []
+    value = FALLBACK_FLAG_SCORE
+    if bundles:
+        value = float(bundles[0].config.thresholds.get("flag_score", FALLBACK_FLAG_SCORE))
+    return settings.with_overrides({"output.flag_min_score": value})
+
+
 def load_models(settings: Settings, *, device: torch.device | None = None) -> Models:
     """Load the bundles named in ``settings`` onto the device (``runtime.device``)."""
     from wsi_screen.classify import CellClassifier
@@ -125,6 +141,10 @@ def load_models(settings: Settings, *, device: torch.device | None = None) -> Mo
     dev = device if device is not None else resolve_device(settings.runtime.device)
     loc_bundle = load_bundle(settings.localization.model, task="localization")
     cls_bundles = [load_bundle(m, task="classification") for m in settings.classification.models]
+    settings.operating_point.check_models(  # a calibrated preset holds for its models only
+        [{"task": "localization", "name": loc_bundle.name, "sha256": loc_bundle.sha256}]
+        + [{"task": "classification", "name": b.name, "sha256": b.sha256} for b in cls_bundles]
+    )
     bf16 = settings.runtime.cpu_bf16
     localizer = Localizer(loc_bundle, settings=settings.localization, device=dev, cpu_bf16=bf16)
     classifier = CellClassifier(
@@ -792,6 +812,7 @@ def run_slide(
         timings["load_models"] = time.perf_counter() - t0
     classifier = models.classifier
     localizer = models.localizer
+    settings = resolve_flag_threshold(settings, classifier)
 
     t0 = time.perf_counter()
     slide = open_slide(slide_path, backend=settings.slide.backend, mpp=settings.slide.mpp)
@@ -905,7 +926,11 @@ def run_slide(
                 cells,
                 class_names=classifier.class_names,
                 abnormal_classes=classifier.abnormal_classes,
-                min_score=settings.output.flag_min_score,
+                min_score=(
+                    FALLBACK_FLAG_SCORE
+                    if settings.output.flag_min_score is None
+                    else settings.output.flag_min_score
+                ),
                 classes=settings.output.flag_classes or None,
                 max_cells=settings.output.flag_max_cells or None,
             )

@@ -735,6 +735,80 @@ _CSS += ".lay{display:none}.lay0{display:inline}\n" + "".join(
 )
 
 
+_UNSAT_RULES = {
+    "no_cells": "no cells were found on the slide",
+    "inadequate": (
+        "the specimen is below the adequacy threshold and no cell looks abnormal, not even with low "
+        "confidence (small test slides need an explicit adequacy.min_squamous_cells override)"
+    ),
+}
+
+
+def _unsatisfactory_html(summary: Mapping[str, Any]) -> str:
+    """The prominent box that says which rule made the slide unsatisfactory."""
+    rule = str(summary.get("triage_rule") or "")
+    what = _UNSAT_RULES.get(rule, "")
+    reason = summary.get("triage_reason") or "no reason recorded"
+    rule_txt = f"rule <code>{_e(rule)}</code>: {_e(what)}. " if rule else ""
+    return (
+        '<div class="unsat" style="margin:12px 0 0;padding:12px 16px;border-radius:10px;'
+        'background:#efebe9;border:2px solid #5d4037;color:#3e2723">'
+        f"<b>Unsatisfactory for evaluation</b> — {rule_txt}<b>Why:</b> {_e(reason)}</div>"
+    )
+
+
+def _operating_point_html(op: Any) -> str:
+    """The operating point that produced the triage, and the figures it was validated with."""
+    if not isinstance(op, Mapping):
+        return '<div class="muted">No operating point recorded (summary written by an older version).</div>'
+    name = _e(op.get("name", "–"))
+    if not op.get("calibrated"):
+        return (
+            f'<div><span class="bad">Uncalibrated</span> — <code>{name}</code></div>'
+            f'<div class="muted">{_e(op.get("note", ""))}</div>'
+        )
+    rows = [("name", f"<code>{name}</code>"), ("date", _e(op.get("date", "–")))]
+    rows.append(("source batch", _e(op.get("source_batch", "–"))))
+    rows.append(("review score ≥", _e(_fmt(op.get("review_score")))))
+    if op.get("priority_score") is not None:
+        rows.append(("priority score ≥", _e(_fmt(op.get("priority_score")))))
+    labels = {"hsil_plus": "HSIL+ kept", "ascus_plus": "ASC-US+ kept", "priority": "HSIL+ priority"}
+    target = op.get("target") or {}
+    conf = target.get("confidence", 0.95)
+    for key, fig in (op.get("sensitivity") or {}).items():
+        if not isinstance(fig, Mapping):
+            continue
+        lb = fig.get("lower_bound")
+        lb_txt = ""
+        if lb is not None:
+            lb_txt = f" (≥ {100 * float(lb):.1f} % with {100 * float(conf):g} % confidence)"
+        want = target.get(key)
+        want_txt = f", target {100 * float(want):g} %" if isinstance(want, (int, float)) else ""
+        rows.append(
+            (
+                _e(labels.get(key, key)),
+                _e(f"{fig.get('count')}/{fig.get('n')}{lb_txt}{want_txt}"),
+            )
+        )
+    neg = op.get("negatives_set_aside") or {}
+    if neg:
+        rows.append(("NILM set aside", _e(f"{_fig_pct(neg)} ({neg.get('count')}/{neg.get('n')})")))
+    if op.get("auroc") is not None:
+        rows.append(("slide AUROC", _e(_fmt(op.get("auroc")))))
+    status = (
+        '<div><span class="ok">Calibrated</span></div>'
+        if op.get("applies", True)
+        else f'<div><span class="bad">Does not apply</span> — {_e(op.get("note", ""))}</div>'
+    )
+    return status + _kv_table(rows)
+
+
+def _fig_pct(fig: Mapping[str, Any]) -> str:
+    """``value`` of an operating-point figure as a percentage."""
+    v = fig.get("value")
+    return f"{100 * float(v):.1f} %" if isinstance(v, (int, float)) else "–"
+
+
 def build_report(
     *,
     summary: Mapping[str, Any],
@@ -802,6 +876,8 @@ def build_report(
     )
     reason = summary.get("triage_reason")
     reason_html = f'<p class="reason"><b>Why:</b> {_e(reason)}</p>' if reason else ""
+    if triage == "unsatisfactory":
+        reason_html = _unsatisfactory_html(summary)
 
     thumb_html = _thumbnail_section(thumbnail, thumbnail_mpp, slide_mpp, cells, score, top_cells, heatmap_um)
 
@@ -870,6 +946,19 @@ def build_report(
         f'<ul class="qc">{"".join(qc_items)}</ul>' if qc_items else '<div class="muted">No QC data</div>'
     )
 
+    org = ((summary.get("findings") or {}).get("organisms")) or {}
+    if org.get("available"):
+        n_org = org.get("confident_cells", 0)
+        org_txt = (
+            f"Organisms present: {_e(_fmt(n_org))} confident organism cells (NILM; not a reason for review)"
+            if org.get("present")
+            else f"No organism finding ({_e(_fmt(n_org))} confident organism cells, "
+            f"{_e(_fmt(org.get('threshold')))} needed)"
+        )
+        qc_html += f'<div class="muted">{org_txt}</div>'
+
+    op_html = _operating_point_html(summary.get("operating_point"))
+
     # Gallery.
     cards = [
         _crop_card(c, cells, names, read_crop, slide_mpp, crop_um, marked=k < _MAX_MARKERS)
@@ -917,6 +1006,7 @@ def build_report(
         f'<section class="panel"><h2>Class counts</h2>{counts_html}</section>'
         f'<section class="panel"><h2>Adequacy</h2>{adequacy_html}</section>'
         f'<section class="panel"><h2>Quality control</h2>{qc_html}</section>'
+        f'<section class="panel"><h2>Operating point</h2>{op_html}</section>'
         "</div></div>"
         f'<section class="panel" style="margin-top:20px"><h2>Flagged cells</h2>'
         f'<p class="muted" style="margin-top:-6px">{_e(gallery_note)}</p>{gallery_html}</section>'

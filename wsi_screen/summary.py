@@ -13,11 +13,15 @@ The rules, each threshold coming from :class:`~wsi_screen.config.TriageSettings`
 * **adequacy**: well-preserved squamous cells = cells not predicted as ``adequacy.exclude_classes``
   whose top probability is at least ``adequacy.min_confidence``, against
   ``adequacy.min_squamous_cells`` (5,000 LBC, 8,000 conventional);
-* **triage**: ``priority`` for a category in ``triage.priority_categories``; ``review`` for any
-  other abnormal category or a score ≥ ``triage.review_score``; otherwise ``unsatisfactory`` when
-  the slide has no cells or is inadequate without a single confident abnormal cell (Bethesda: a
-  specimen with abnormal cells is never unsatisfactory — such slides go to ``review``); otherwise
-  ``negative``.
+* **triage**: ``priority`` for a category in ``triage.priority_categories`` or a score ≥
+  ``triage.priority_score`` (when set); ``review`` for any other abnormal category or a score ≥
+  ``triage.review_score``; otherwise ``unsatisfactory`` when the slide has no cells or is inadequate
+  without a confident abnormal cell and without any cell whose abnormality score reaches
+  ``triage.inadequate_abnormal_score`` (Bethesda: a specimen with abnormal cells is never
+  unsatisfactory — such slides go to ``review``); otherwise ``negative``. ``triage_rule`` names the
+  rule that decided;
+* **operating point**: ``settings.operating_point`` (calibrated by ``wsi-screen calibrate``, or the
+  uncalibrated defaults, said so) is copied into the summary.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ SUMMARY_SCHEMA_VERSION = 1
 NEGATIVE_CATEGORY = "NILM"
 #: Triage outcomes, most urgent first.
 TRIAGE_LEVELS = ("priority", "review", "unsatisfactory", "negative")
+
+
+#: The class of organisms (NILM under Bethesda): a slide finding, not an abnormal cell.
+ORGANISM_CLASS = "organism"
 
 
 def _finite(value: float, ndigits: int = 6) -> float | None:
@@ -227,6 +235,9 @@ def summarize(
     category = _category(confident_counts, min_cells, tri.severity)
     slide_score = ranking_score(sev, tri.top_k)
     n_confident_abnormal = sum(confident_counts[c] for c in abnormal_classes)
+    # Low-confidence abnormal cells too keep an inadequate slide out of "unsatisfactory".
+    max_cell_score = float(np.max(score)) if n else 0.0
+    n_possible_abnormal = int(np.count_nonzero(score >= tri.inadequate_abnormal_score)) if n else 0
 
     # -- adequacy ----------------------------------------------------------------------------------
     excluded = [c for c in ade.exclude_classes if c in names]
@@ -244,7 +255,10 @@ def summarize(
     }
 
     # -- QC ---------------------------------------------------------------------------------------
-    artifact_fraction = float(is_excluded.mean()) if n else None
+    # Organisms are excluded from the squamous count but are no artifact: the artifact fraction counts
+    # the excluded classes other than "organism".
+    artifact_like = [names.index(c) for c in excluded if c != ORGANISM_CLASS]
+    artifact_fraction = float(np.isin(labels, artifact_like).mean()) if n else None
     oof = tiles_out_of_focus / tiles_total if tiles_total else 0.0
     unread = tiles_unreadable / tiles_total if tiles_total else 0.0
     checks = {
@@ -263,7 +277,8 @@ def summarize(
             ">",
             tri.max_artifact_fraction,
             "fraction of cells",
-            f"many cells are predicted as {', '.join(excluded) or 'artifact'}",
+            "many cells are predicted as "
+            + (", ".join(c for c in excluded if c != ORGANISM_CLASS) or "artifact"),
         ),
         "out_of_focus_tiles": _check(
             oof > tri.max_out_of_focus_fraction,
@@ -288,31 +303,50 @@ def summarize(
 
     # -- triage -----------------------------------------------------------------------------------
     if category in tri.priority_categories:
-        triage = "priority"
+        triage, rule = "priority", "priority_category"
         reason = f"{confident_counts[category]} confident {category} cells (≥ {min_cells[category]})"
+    elif tri.priority_score is not None and slide_score >= tri.priority_score:
+        triage, rule = "priority", "priority_score"
+        reason = f"ranking score {slide_score:.3f} ≥ {tri.priority_score} (triage.priority_score)"
     elif category != NEGATIVE_CATEGORY:
-        triage = "review"
+        triage, rule = "review", "review_category"
         reason = f"{confident_counts[category]} confident {category} cells (≥ {min_cells[category]})"
     elif slide_score >= tri.review_score:
-        triage = "review"
+        triage, rule = "review", "review_score"
         reason = f"ranking score {slide_score:.3f} ≥ {tri.review_score}"
     elif n == 0:
-        triage = "unsatisfactory"
+        triage, rule = "unsatisfactory", "no_cells"
         reason = "no cells were found"
-    elif not adequate and n_confident_abnormal == 0:
-        triage = "unsatisfactory"
-        reason = f"{squamous} well-preserved squamous cells < {ade.min_squamous_cells} and no abnormal cells"
+    elif not adequate and n_confident_abnormal == 0 and n_possible_abnormal == 0:
+        triage, rule = "unsatisfactory", "inadequate"
+        reason = (
+            f"{squamous} well-preserved squamous cells < {ade.min_squamous_cells} "
+            f"(adequacy.min_squamous_cells) and no abnormal cells: none confident, highest cell "
+            f"abnormality score {max_cell_score:.3f} < {tri.inadequate_abnormal_score} "
+            "(triage.inadequate_abnormal_score)"
+        )
     elif not adequate:
-        triage = "review"
+        triage, rule = "review", "inadequate_abnormal"
         reason = (
             f"{squamous} well-preserved squamous cells < {ade.min_squamous_cells}, but "
-            f"{n_confident_abnormal} confident abnormal cells (never unsatisfactory with abnormal cells)"
+            f"{n_confident_abnormal} confident abnormal cells and {n_possible_abnormal} cells with an "
+            f"abnormality score ≥ {tri.inadequate_abnormal_score} (never unsatisfactory with abnormal cells)"
         )
     else:
-        triage = "negative"
+        triage, rule = "negative", "negative"
         reason = f"no category supported and ranking score {slide_score:.3f} < {tri.review_score}"
     if triage in ("priority", "review") and not adequate:
         reason += "; specimen below the adequacy threshold"
+
+    # -- findings (NILM: reported, never a reason for review) ---------------------------------------
+    n_org = confident_counts.get(ORGANISM_CLASS, 0)
+    organisms = {
+        "available": ORGANISM_CLASS in names,
+        "confident_cells": int(n_org),
+        "present": bool(ORGANISM_CLASS in names and n_org >= tri.min_organism_cells),
+        "threshold": tri.min_organism_cells,
+        "note": "organisms (trichomonas, candida, shift in flora, herpes, actinomyces) are NILM",
+    }
 
     # -- top cells --------------------------------------------------------------------------------
     top = top_cell_indices(score, settings.output.top_n, tiebreak=sev)
@@ -339,14 +373,22 @@ def summarize(
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "triage": triage,
         "triage_reason": reason,
+        "triage_rule": rule,
         "suggested_category": category,
         "score": round(slide_score, 6),
         "n_cells": n,
         "class_names": names,
         "abnormal_classes": list(abnormal_classes),
         "class_counts": {"predicted": predicted_counts, "confident": confident_counts},
+        "abnormal_cells": {
+            "confident": int(n_confident_abnormal),
+            "max_score": _finite(max_cell_score, 6),
+            "threshold": tri.inadequate_abnormal_score,
+            "above_threshold": n_possible_abnormal,
+        },
         "adequacy": adequacy,
         "qc": qc,
+        "findings": {"organisms": organisms},
         "cellular_area_mm2": _finite(cellular_area_mm2, 4),
         "tiles": {
             "processed": int(tiles_total),
@@ -354,6 +396,7 @@ def summarize(
             "out_of_focus": int(tiles_out_of_focus),
         },
         "rules": {"triage": settings.triage.model_dump(mode="json"), "adequacy": ade.model_dump(mode="json")},
+        "operating_point": settings.operating_point.describe(settings.triage),
         "top_cells": top_cells,
         "timings": dict(timings),
         "versions": dict(versions),

@@ -71,7 +71,7 @@ DEFAULT_ARCH = "mobilenetv3_small_100"
 CHECKPOINT_NAME = "last.pt"
 SPLIT_NAME = "split.json"
 _CHECKPOINT_FORMAT = 1
-_NORMAL = ("NILM", "artifact")
+_NORMAL = ("NILM", "organism", "artifact")
 
 
 class TrainingError(WsiScreenError, RuntimeError):
@@ -197,6 +197,24 @@ def _split_json(data: CropSet, split: Mapping[str, NDArray[np.intp]], cfg: Train
             "class_counts": {c: int(counts[i]) for i, c in enumerate(data.class_names)},
             "groups": groups,
         }
+    return out
+
+
+def _given_split(
+    data: CropSet, given: Mapping[str, Sequence[int] | NDArray[np.integer[Any]]]
+) -> dict[str, NDArray[np.intp]]:
+    unknown = set(given) - {"train", "val", "test"}
+    if unknown or "train" not in given:
+        raise DataError(f"split needs 'train' (and 'val', 'test'); got {sorted(given)}")
+    out = {k: np.asarray(given.get(k, []), np.intp) for k in ("train", "val", "test")}
+    for k, idx in out.items():
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(data)):
+            raise DataError(f"split {k!r} has indices outside the {len(data)} crops")
+    seen = np.concatenate(list(out.values()))
+    if len(np.unique(seen)) != len(seen):
+        raise DataError("the given split parts overlap")
+    if not len(out["train"]):
+        raise DataError("the given training split is empty")
     return out
 
 
@@ -408,6 +426,7 @@ def train_classifier(
     data_description: Mapping[str, Any] | None = None,
     sample_weights: NDArray[np.floating[Any]] | None = None,
     version: str = "1",
+    split: Mapping[str, Sequence[int] | NDArray[np.integer[Any]]] | None = None,
 ) -> TrainResult:
     """Train a classifier on ``data`` and write the bundle folder ``out_dir``.
 
@@ -426,6 +445,9 @@ def train_classifier(
         sample_weights: (N,) relative sampling weight of each crop of ``data`` (e.g. hard negatives
             drawn more often); training then samples with replacement, times the class balance of
             ``balanced_sampler``. The validation and test splits are not weighted.
+        split: indices of ``data`` for ``train``, ``val`` and optionally ``test`` (e.g. from a split
+            manifest) instead of the grouped split by ``val_fraction``/``test_fraction``; they must not
+            overlap.
     """
     import torch
 
@@ -473,15 +495,20 @@ def train_classifier(
     elif resume:
         logger.info("no checkpoint in %s; starting from scratch", work)
     split_file = work / SPLIT_NAME
-    if ckpt is not None and split_file.is_file():
-        split = _split_from_json(data, json.loads(split_file.read_text(encoding="utf-8")))
+    given = split
+    if given is not None:
+        parts = _given_split(data, given)
+    elif ckpt is not None and split_file.is_file():
+        parts = _split_from_json(data, json.loads(split_file.read_text(encoding="utf-8")))
     else:
-        split = split_dataset(
+        parts = split_dataset(
             data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed
         )
-    split_info = _split_json(data, split, cfg)
+    split_info = _split_json(data, parts, cfg)
+    if given is not None:
+        split_info["group_rule"] = "given by the caller (a split manifest): indices, not groups"
     _write_json(split_file, split_info)
-    tr_idx, va_idx, te_idx = split["train"], split["val"], split["test"]
+    tr_idx, va_idx, te_idx = parts["train"], parts["val"], parts["test"]
     logger.info(
         "split by group: train %d crops (%d groups), val %d (%d), test %d (%d)",
         len(tr_idx),
@@ -775,7 +802,7 @@ def train_classifier(
     )
     saved = save_bundle(model, bcfg, out, half=cfg.half)
     metrics, thresholds = _bundle_metrics(
-        saved, data, split, abnormal, device=device, batch_size=cfg.eval_batch_size
+        saved, data, parts, abnormal, device=device, batch_size=cfg.eval_batch_size
     )
     final_cfg = saved.config.model_copy(update={"metrics": metrics, "thresholds": thresholds})
     _rewrite_config(out, final_cfg)

@@ -93,6 +93,7 @@ __all__ = [
     "load_crops",
     "match_detections",
     "order_classes",
+    "pipeline_crops",
     "prepare_crops",
     "read_qupath_geojson",
     "rescale_to_mpp",
@@ -106,7 +107,7 @@ logger = logging.getLogger(__name__)
 #: The classes of the shipped bundles, in their canonical order.
 BETHESDA_CLASSES: tuple[str, ...] = ("NILM", "ASC-US", "LSIL", "HSIL", "artifact")
 #: Other Bethesda names accepted as class names (kept in this order after the five above).
-_EXTRA_ORDER: tuple[str, ...] = ("ASC-H", "AGC", "AIS", "SCC")
+_EXTRA_ORDER: tuple[str, ...] = ("ASC-H", "AGC", "AIS", "SCC", "organism")
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 #: How crop-folder crops get their Reinhard source statistics: pooled over the crop's group
 #: (default), per crop, over the whole dataset, or no normalization at all.
@@ -1792,3 +1793,31 @@ def truth_to_qupath(
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def pipeline_crops(
+    slide_path: str | os.PathLike[str],
+    *,
+    localizer: Localizer,
+    settings: Settings | None = None,
+    mpp: float = 0.25,
+    size: int = 224,
+    target: ReinhardStats | None = None,
+    device: torch.device | None = None,
+    mask_channel: bool = False,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
+    """Every cell ``run_slide`` would classify on a slide: level-0 (x, y) and its crop, cut by the
+    inference path (cell regions, slide-level Reinhard towards ``target``, ``localizer``, the
+    coverage resolver on tile edges, ``size``² crops at ``mpp``)."""
+    from wsi_screen.config import load_settings
+
+    return _run_device_stage(
+        Path(slide_path),
+        localizer=localizer,
+        settings=settings or load_settings(),
+        mpp=mpp,
+        size=size,
+        target=target,
+        device=device or _cpu(),
+        mask_channel=mask_channel,
+    )

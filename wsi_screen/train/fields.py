@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from wsi_screen.train.cell_slides import _resize
+from wsi_screen.train.cell_slides import od as _od
+from wsi_screen.train.cell_slides import rgb_from_od as _rgb
 from wsi_screen.train.unet import AnnotatedImage, TrainingDataError, load_annotated_images
 
 __all__ = [
@@ -179,30 +182,6 @@ def load_severe_fine_cells(data: str | os.PathLike[str], keys: Sequence[str]) ->
         label = np.where(nuc, 2, np.where(glass, 0, 1)).astype(np.uint8)
         name = f"severe_fine/{key}"
         out.append(CropCell(name=name, herlev_class="severe_dysplastic", rgb=rgb, label=label))
-    return out
-
-
-def _od(rgb: NDArray[Any]) -> F32:
-    out: F32 = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-    return out
-
-
-def _rgb(od: F32) -> U8:
-    return np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
-
-
-def _resize(a: NDArray[Any], shape: tuple[int, int], *, nearest: bool) -> NDArray[Any]:
-    from skimage.transform import resize
-
-    if a.shape[:2] == shape:
-        return a
-    out: NDArray[Any]
-    if nearest:
-        out = resize(a, shape, order=0, preserve_range=True, anti_aliasing=False).astype(a.dtype)  # type: ignore[no-untyped-call]
-    else:
-        out = resize(  # type: ignore[no-untyped-call]
-            a.astype(np.float32), shape, order=1, preserve_range=True, anti_aliasing=True
-        ).astype(np.float32)
     return out
 
 

@@ -887,6 +887,7 @@ def train_unet(
     time_budget_s: float | None = None,
     checkpoint_every_s: float = 300.0,
     pause_after_steps: int | None = None,
+    init_from: str | os.PathLike[str] | None = None,
 ) -> ModelBundle:
     """Train the nucleus U-Net on annotated images (+ synthetic fields) and save a bundle.
 
@@ -914,6 +915,9 @@ def train_unet(
             :class:`TrainingPaused` (resume to continue); no bundle is written until the last step.
         pause_after_steps: likewise, once this call has run at least this many steps (a job
             scheduler's slice). Runs pause and resume at epoch boundaries only.
+        init_from: a localization bundle (name or folder) whose weights start the run (fine-tuning);
+            it must have the recipe's architecture, representation and channels. The schedule (warm-up,
+            cosine decay) runs as for a fresh run; the bundle is recorded in ``training.init_from``.
     """
     import torch
 
@@ -1030,6 +1034,9 @@ def train_unet(
         encoder_name=rec.encoder_name,
         decoder_channels=rec.decoder_channels,
     ).to(dev)
+    init_info: dict[str, Any] | None = None
+    if init_from is not None:
+        init_info = _init_weights(model, init_from, rec=rec, channels=channels)
     steps_per_epoch = max(1, math.ceil(len(train) * rec.crops_per_image / rec.batch_size))
     total_steps = int(steps) if steps is not None else rec.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay)
@@ -1204,6 +1211,7 @@ def train_unet(
             "steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "schedule_retargeted": retargeted,
+            "init_from": init_info,
             "annotated": {
                 "images_dir": None if images_dir is None else str(images_dir),
                 "mpp": mpp,
@@ -1246,6 +1254,31 @@ def train_unet(
     bundle = save_bundle(model, config, out, half=True)
     logger.info("saved %s (%.1f MB) after %.0f s", out, bundle.weights_path.stat().st_size / 1e6, train_s)
     return bundle
+
+
+def _init_weights(
+    model: Any, init_from: str | os.PathLike[str], *, rec: UNetRecipe, channels: Sequence[str]
+) -> dict[str, Any]:
+    """Load the weights of localization bundle ``init_from`` into ``model``; errors name the mismatch."""
+    from wsi_screen.models.bundle import load_bundle
+
+    bundle = load_bundle(init_from)
+    cfg = bundle.config
+    want = {
+        "task": ("localization", cfg.task),
+        "architecture": ("smp-unet", cfg.architecture),
+        "input_representation": (rec.representation, cfg.input_representation),
+        "encoder": (rec.encoder_name, cfg.arch_kwargs.get("encoder_name")),
+        "decoder_channels": (list(rec.decoder_channels), list(cfg.arch_kwargs.get("decoder_channels", []))),
+        "channels": (list(channels), list(cfg.class_names)),
+    }
+    bad = [f"{k} {have!r} (the run needs {need!r})" for k, (need, have) in want.items() if need != have]
+    if bad:
+        raise TrainingDataError(f"cannot start from bundle {cfg.name}: its " + "; ".join(bad))
+    state = {k: v.float() for k, v in bundle.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    logger.info("starting from the weights of %s (%s)", cfg.name, bundle.path)
+    return {"name": cfg.name, "version": cfg.version, "sha256": bundle.sha256}
 
 
 def _short(val: dict[str, Any]) -> str:

@@ -1,0 +1,594 @@
+#!/usr/bin/env python
+"""The real-cell classifier ``cyto-real-v1``: crops cut by the pipeline from slides of real cells.
+
+    flock /tmp/wsi-cpu.lock .venv/bin/python pipelines/train_classifier_real.py --work /tmp/cyto-real
+    python pipelines/train_classifier_real.py --work /tmp/c --stages slides crops --copies 1 --smoke
+
+Every stage caches its output in ``--work``; a rerun does only what is missing (``--force STAGE`` redoes
+one). Data: ``../shared/data``, split by the one manifest ``pipelines/splits/real.json`` (Herlev by
+group; ``lbc-cells`` by crop, as it has no group ids; ``lbc-nuclei`` fields by field).
+
+Stages (``--stages``, default all, in this order):
+
+``slides``
+    For each part (train, val, test): Herlev cells (``herlev-bethesda``) and ``lbc-cells`` crops
+    (``lbc-cells-bethesda``) of that part, pasted ``--copies`` times (train; once for val and test)
+    into 1,024 µm slides (:func:`wsi_screen.train.cell_slides.compose_cell_slide`: optical-density
+    paste by the cell's mask, no crop rectangle, on glass and real LBC fields of the same part, whose
+    nuclei are NILM squamous and neutrophil nuclei). ``WORK/slides/<part>-NNN.tiff`` + ``.truth.npz``.
+``crops``
+    Each slide screened by the inference path (:func:`wsi_screen.train.data.pipeline_crops`: cell
+    regions, slide-level Reinhard, the default localizer, coverage resolver, 224² crops at
+    0.25 µm/px) and every detection labelled by what it sits on
+    (:func:`wsi_screen.train.cell_slides.label_detections`); at most ``--per-cell`` detections per
+    pasted cell and ``--background-per-slide`` background nuclei per slide are kept (drawn at
+    random). ``WORK/crops-<part>.npz`` (a :class:`~wsi_screen.train.data.CropSet`).
+``synthetic``
+    ``--synthetic`` synthetic slides (six stain profiles) cut the same way
+    (:func:`~wsi_screen.train.data.synthetic_crops`): the ``artifact`` class (debris, detections on
+    no nucleus) comes only from them; their cells join training at weight ``--synthetic-weight``.
+``train``
+    ``train_classifier`` on the train crops (+ synthetic), validated (model selection) on the val
+    crops; variants ``--variants`` (``scratch``; ``init``: synthetic pre-training, initialised from
+    ``cyto-synth-v1``, class-balanced draws; ``finetune``: ``init`` trained further at half the
+    learning rate with NILM and organism drawn ``--negative-weight`` × as often, so that about half
+    the draws are negative). Test crops are never seen.
+``evaluate``
+    Every variant on the test crops (``CellClassifier``, as in screening), at the review threshold
+    chosen on validation (binary sensitivity ≥ 0.90): binary sensitivity/specificity, HSIL+ recall,
+    per-class recall, NILM specificity per source, the 99th/99.9th percentile of NILM cell scores per
+    source, with bootstrap 95 % intervals over cells. ``WORK/evaluate.json``.
+``ablation``
+    The paste-shortcut check: slides composed from the val cells with every crop reduced to its own
+    glass (the box without its content) are compared with the same slides composed from other cells
+    (of other classes and box sizes): identical pixels mean no box shape or seam survives.
+    ``WORK/ablation.json``.
+``ship``
+    Copies the ``--ship`` variant to ``wsi_screen/models/bundles/<--name>`` with its figures and its
+    ``thresholds.flag_score`` (the validation threshold above), which ``run_slide`` uses as the
+    default ``output.flag_min_score``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+MANIFEST = ROOT / "pipelines" / "splits" / "real.json"
+BUNDLES = ROOT / "wsi_screen" / "models" / "bundles"
+PARTS = ("train", "val", "test")
+CLASSES = ["NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC", "organism", "artifact"]
+ABNORMAL = ["ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC"]
+HSIL_PLUS = ["HSIL", "SCC"]
+STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship")
+
+logger = logging.getLogger("train_classifier_real")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from wsi_screen.metrics import jsonable
+
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def part_cells(args: argparse.Namespace, part: str) -> list[Any]:
+    from wsi_screen.train.cell_slides import load_labelled_cells
+    from wsi_screen.train.data import load_class_map
+    from wsi_screen.train.fields import read_split_manifest, split_names
+
+    m = read_split_manifest(args.manifest)
+    cells = load_labelled_cells(
+        args.data, "herlev", split_names(m, "herlev", part), load_class_map("herlev-bethesda")
+    )
+    cells += load_labelled_cells(
+        args.data, "lbc_cells", split_names(m, "lbc_cells", part), load_class_map("lbc-cells-bethesda")
+    )
+    return cells
+
+
+def part_backgrounds(args: argparse.Namespace, part: str) -> list[tuple[Any, float]]:
+    from wsi_screen.train.fields import SOURCE_MPP, load_source_images, read_split_manifest, split_names
+
+    m = read_split_manifest(args.manifest)
+    images = load_source_images(args.data, "lbc_nuclei", split_names(m, "lbc_nuclei", part))
+    return [(im, SOURCE_MPP["lbc_nuclei"]) for im in images if not im.name.startswith("rot")]
+
+
+def stage_slides(args: argparse.Namespace, work: Path) -> None:
+    from wsi_screen.train.cell_slides import compose_cell_slide, write_image_slide
+
+    out = work / "slides"
+    out.mkdir(parents=True, exist_ok=True)
+    capacity = (args.slide_px // max(16, round(args.pitch_um / 0.25))) ** 2  # the lattice slots of a slide
+    index: dict[str, list[str]] = {}
+    for pi, part in enumerate(PARTS):
+        done = sorted(out.glob(f"{part}-*.tiff"))
+        if done and "slides" not in args.force:
+            index[part] = [p.name for p in done]
+            continue
+        cells = part_cells(args, part)
+        bgs = part_backgrounds(args, part)
+        copies = args.copies if part == "train" else 1
+        rng = np.random.default_rng(args.seed + 1000 * pi)
+        names = []
+        k = 0
+        for c in range(copies):
+            order = rng.permutation(len(cells))
+            for start in range(0, len(order), capacity):
+                chunk = [cells[int(i)] for i in order[start : start + capacity]]
+                cs = compose_cell_slide(
+                    chunk,
+                    backgrounds=bgs,
+                    size_px=args.slide_px,
+                    pitch_um=args.pitch_um,
+                    seed=args.seed + 100_000 * pi + k,
+                )
+                path = out / f"{part}-{k:03d}.tiff"
+                write_image_slide(path, cs.rgb, 0.25, quality=int(rng.integers(80, 95)))
+                cs.save_truth(path.with_suffix(".truth.npz"))
+                names.append(path.name)
+                logger.info(
+                    "%s: %d cells (copy %d), %d background nuclei",
+                    path.name,
+                    len(cs.klass),
+                    c,
+                    cs.info["background_nuclei"],
+                )
+                k += 1
+        index[part] = names
+    _write_json(work / "slides.json", index)
+
+
+def _localizer(args: argparse.Namespace) -> Any:
+    from wsi_screen.config import load_settings
+    from wsi_screen.localize import Localizer
+    from wsi_screen.models.bundle import load_bundle
+
+    s = load_settings()
+    name = args.localizer or s.localization.model
+    import torch
+
+    bundle = load_bundle(name, task="localization")
+    return Localizer(bundle, settings=s.localization, device=torch.device("cpu")), s
+
+
+def stage_crops(args: argparse.Namespace, work: Path) -> None:
+    from wsi_screen.stain import DEFAULT_TARGET
+    from wsi_screen.train.cell_slides import CellSlide, label_detections
+    from wsi_screen.train.data import CropSet, localizer_identity, pipeline_crops
+
+    index = json.loads((work / "slides.json").read_text())
+    loc, settings = _localizer(args)
+    for part in PARTS:
+        dest = work / f"crops-{part}.npz"
+        if dest.exists() and "crops" not in args.force:
+            continue
+        sets = []
+        stats: dict[str, int] = {"detections": 0, "unlabelled": 0, "kept": 0}
+        for name in index[part]:
+            path = work / "slides" / name
+            t0 = time.perf_counter()
+            x, y, crops = pipeline_crops(path, localizer=loc, settings=settings, target=DEFAULT_TARGET)
+            truth = CellSlide.load_truth(path.with_suffix(".truth.npz"))
+            klass, source, cell = label_detections(x, y, truth)
+            rng = np.random.default_rng(zlib.crc32(name.encode()))
+            keep: list[int] = []
+            by_cell: dict[int, list[int]] = {}
+            background: list[int] = []
+            for i, (k, c) in enumerate(zip(klass, cell.tolist(), strict=True)):
+                if not k:
+                    continue
+                (by_cell.setdefault(c, []) if c >= 0 else background).append(i)
+            for idx in by_cell.values():
+                keep += rng.permutation(idx)[: args.per_cell].tolist()
+            keep += rng.permutation(background)[: args.background_per_slide].tolist()
+            keep.sort()
+            stats["detections"] += len(klass)
+            stats["unlabelled"] += sum(1 for k in klass if not k)
+            stats["kept"] += len(keep)
+            groups = [(truth.names[cell[i]] if cell[i] >= 0 else f"lbc_nuclei:{name}") for i in keep]
+            sets.append(
+                CropSet(
+                    crops=crops[keep],
+                    labels=np.array([CLASSES.index(klass[i]) for i in keep], np.int64),
+                    groups=np.array(groups, dtype=str),
+                    class_names=list(CLASSES),
+                    mpp=0.25,
+                    sources=np.array([source[i] for i in keep], dtype=str),
+                )
+            )
+            logger.info(
+                "%s/%s: %d detections, %d kept (%.0f s)",
+                part,
+                name,
+                len(klass),
+                len(keep),
+                time.perf_counter() - t0,
+            )
+        data = CropSet.concat(
+            sets,
+            info={
+                "source": "real-cell slides (pipelines/train_classifier_real.py)",
+                "part": part,
+                "localization": localizer_identity(loc),
+                "stain_target": DEFAULT_TARGET.to_dict(),
+                "labels": (
+                    "label_detections: pasted nucleus, background nucleus (NILM), pasted cell footprint"
+                ),
+                "counts": stats,
+            },
+        )
+        data.save(dest)
+        logger.info("%s: %d crops %s", part, len(data), data.class_counts())
+
+
+def stage_synthetic(args: argparse.Namespace, work: Path) -> None:
+    from wsi_screen.train.data import synthetic_crops
+
+    dest = work / "crops-synthetic.npz"
+    if dest.exists() and "synthetic" not in args.force:
+        return
+    loc, settings = _localizer(args)
+    data = synthetic_crops(
+        args.synthetic, cache_dir=work / "synthetic", localizer=loc, seed=args.seed + 77, settings=settings
+    )
+    data.save(dest)
+    logger.info("synthetic: %d crops %s", len(data), data.class_counts())
+
+
+def _load(work: Path, name: str) -> Any:
+    from wsi_screen.train.data import CropSet
+
+    return CropSet.load(work / f"crops-{name}.npz", mmap=False).with_classes(CLASSES)
+
+
+def training_data(args: argparse.Namespace, work: Path) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """Train + synthetic + val crops, the explicit split, and sampling weights."""
+    from wsi_screen.train.data import CropSet
+
+    train, val = _load(work, "train"), _load(work, "val")
+    parts = [train]
+    syn_n = 0
+    if args.synthetic and (work / "crops-synthetic.npz").exists():
+        syn = _load(work, "synthetic")
+        parts.append(syn)
+        syn_n = len(syn)
+    data = CropSet.concat([*parts, val])
+    n_tr = len(train) + syn_n
+    split = {"train": np.arange(n_tr), "val": np.arange(n_tr, len(data))}
+    w = np.ones(n_tr, np.float64)
+    w[len(train) :] = args.synthetic_weight
+    return data, split, w
+
+
+def stage_train(args: argparse.Namespace, work: Path) -> None:
+    from wsi_screen.train.augment import AugmentConfig
+    from wsi_screen.train.classifier import TrainConfig, train_classifier
+
+    data, split, weights = training_data(args, work)
+    negative = np.isin(data.labels[split["train"]], [CLASSES.index(c) for c in ("NILM", "organism")])
+    for variant in args.variants:
+        out = work / "bundles" / variant
+        if (out / "bundle.json").is_file() and "train" not in args.force:
+            continue
+        cfg = TrainConfig(
+            arch=args.arch,
+            epochs=args.epochs,
+            batch_size=64,
+            lr=1e-3 if variant == "finetune" else 2e-3,
+            warmup_epochs=0.5 if variant == "finetune" else 1.0,
+            balanced_sampler=True,
+            label_smoothing=0.05,
+            augment=AugmentConfig(),
+            init={"init": "cyto-synth-v1", "finetune": str(work / "bundles" / "init")}.get(variant),
+            patience=args.epochs,
+            threads=args.threads,
+            seed=args.seed,
+            samples_per_epoch=args.samples_per_epoch,
+            half=True,  # float16 weights: shipped bundles stay under 6 MB
+        )
+        t0 = time.perf_counter()
+        res = train_classifier(
+            data,
+            out,
+            config=cfg,
+            name=args.name,
+            class_names=CLASSES,
+            abnormal_classes=ABNORMAL,
+            work_dir=work / "bundles" / f"{variant}.train",
+            resume=True,
+            split=split,
+            sample_weights=np.concatenate(
+                [
+                    # finetune: NILM and organism drawn negative_weight × as often as under the class
+                    # balance, so that negatives are about half the draws, as the score's prior should be.
+                    weights * np.where(negative & (variant == "finetune"), args.negative_weight, 1.0),
+                    np.ones(len(split["val"])),
+                ]
+            ),
+            description=(
+                "Cell classifier (9 classes: NILM, ASC-US, LSIL, ASC-H, HSIL, SCC, AGC, organism, artifact) "
+                "trained on crops that the pipeline cuts from slides of real Pap-stained cells (Herlev, "
+                "lbc-cells, LBC fields) plus synthetic cells."
+            ),
+            intended_use=(
+                "Ranking cells of Papanicolaou-stained cervical cytology slides for review by a "
+                "cytotechnologist; triage groups: HSIL+ (HSIL, SCC), priority (ASC-H, AGC), "
+                "review (ASC-US, LSIL)."
+            ),
+            limitations=(
+                "Research use. Trained on public benchmark crops (Herlev, ComparisonDetector LBC crops; no "
+                "group ids for lbc-cells, so its split is by crop) composed into slides, not on a lab's own "
+                "whole-slide scans; validate on your own slides before relying on it. See docs/models.md."
+            ),
+        )
+        logger.info("trained %s in %.0f s: %s", variant, time.perf_counter() - t0, res)
+
+
+def _cluster_bootstrap(
+    hit: np.ndarray, groups: np.ndarray, rng: np.random.Generator, reps: int = 500
+) -> list[float]:
+    """95 % percentile interval of a rate, resampling whole groups (a cell's several detections, a
+    background field's nuclei) with replacement: crops of one cell are not independent."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    k = np.bincount(inv, weights=hit.astype(np.float64), minlength=len(uniq))
+    n = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    vals = []
+    for _ in range(reps):
+        idx = rng.integers(0, len(uniq), len(uniq))
+        vals.append(k[idx].sum() / max(n[idx].sum(), 1.0))
+    return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
+
+
+def crop_probs(bundle: Path, data: Any) -> np.ndarray:
+    import torch
+
+    from wsi_screen.classify import CellClassifier
+    from wsi_screen.models.bundle import load_bundle
+
+    clf = CellClassifier([load_bundle(bundle, task="classification")], device=torch.device("cpu"))
+    out = []
+    for start in range(0, len(data), 512):
+        chunk = torch.from_numpy(np.ascontiguousarray(data.crops[start : start + 512]))
+        out.append(clf.predict(chunk).cpu().numpy())
+    assert clf.class_names == CLASSES, clf.class_names
+    return np.concatenate(out)
+
+
+def threshold_for(score: np.ndarray, positive: np.ndarray, sensitivity: float) -> float:
+    pos = np.sort(score[positive])[::-1]
+    k = max(1, math.ceil(sensitivity * len(pos)))
+    return float(pos[k - 1])
+
+
+def screening_figures(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    sources: np.ndarray,
+    groups: np.ndarray,
+    threshold: float,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Binary and per-class figures at ``threshold`` on the abnormality score, with 95 % intervals
+    from a bootstrap over groups (cells; background fields)."""
+    rng = np.random.default_rng(seed)
+    ab = [CLASSES.index(c) for c in ABNORMAL]
+    score = probs[:, ab].sum(axis=1)
+    pos = np.isin(labels, ab)
+    neg_classes = [CLASSES.index(c) for c in ("NILM", "organism")]
+    neg = np.isin(labels, neg_classes)
+    flag = score >= threshold
+    pred = probs.argmax(axis=1)
+
+    def rate(mask: np.ndarray, hit: np.ndarray) -> tuple[float | None, list[float], int]:
+        n = int(mask.sum())
+        if not n:
+            return None, [math.nan, math.nan], 0
+        sel = np.flatnonzero(mask)
+        val = float(hit[sel].mean())
+        return val, _cluster_bootstrap(hit[sel], groups[sel], rng), n
+
+    out: dict[str, Any] = {"threshold": threshold}
+    v, ci, n = rate(pos, flag)
+    out["sensitivity"] = {"value": v, "ci95": ci, "n": n}
+    v, ci, n = rate(neg, ~flag)
+    out["specificity"] = {"value": v, "ci95": ci, "n": n}
+    hp = np.isin(labels, [CLASSES.index(c) for c in HSIL_PLUS])
+    v, ci, n = rate(hp, flag)
+    out["hsil_plus_recall_flagged"] = {"value": v, "ci95": ci, "n": n}
+    v, ci, n = rate(hp, np.isin(pred, [CLASSES.index(c) for c in HSIL_PLUS]))
+    out["hsil_plus_called_hsil_plus"] = {"value": v, "ci95": ci, "n": n}
+    # HSIL+ called NILM/organism (the worst error).
+    v, ci, n = rate(hp, np.isin(pred, neg_classes))
+    out["hsil_plus_to_negative"] = {"value": v, "ci95": ci, "n": n}
+    per_class = {}
+    for ci_, c in enumerate(CLASSES):
+        m = labels == ci_
+        if not m.any():
+            continue
+        per_class[c] = {
+            "n": int(m.sum()),
+            "recall_class": float((pred[m] == ci_).mean()),
+            "flagged": float(flag[m].mean()),
+        }
+    out["per_class"] = per_class
+    by_source: dict[str, Any] = {}
+    for src in sorted(set(sources.tolist())):
+        m_src = sources == src
+        m = m_src & (labels == CLASSES.index("NILM"))
+        entry: dict[str, Any] = {}
+        if m.any():
+            s = score[m]
+            v, ci, n = rate(m, ~flag)
+            entry["nilm_specificity"] = {"value": v, "ci95": ci, "n": n}
+            entry["nilm_score_p99"] = float(np.percentile(s, 99))
+            entry["nilm_score_p999"] = float(np.percentile(s, 99.9))
+        m_pos = m_src & pos
+        if m_pos.any():
+            v, ci, n = rate(m_pos, flag)
+            entry["abnormal_sensitivity"] = {"value": v, "ci95": ci, "n": n}
+        org = m_src & (labels == CLASSES.index("organism"))
+        if org.any():
+            v, ci, n = rate(org, ~flag)
+            entry["organism_specificity"] = {"value": v, "ci95": ci, "n": n}
+        by_source[src] = entry
+    out["by_source"] = by_source
+    try:
+        from sklearn.metrics import roc_auc_score
+
+        m = pos | neg
+        out["auroc_binary"] = float(roc_auc_score(pos[m], score[m]))
+    except ValueError:
+        out["auroc_binary"] = None
+    return out
+
+
+def stage_evaluate(args: argparse.Namespace, work: Path) -> None:
+    val, test = _load(work, "val"), _load(work, "test")
+    res: dict[str, Any] = {}
+    for variant in args.variants:
+        bundle = work / "bundles" / variant
+        if not (bundle / "bundle.json").is_file():
+            continue
+        pv = crop_probs(bundle, val)
+        ab = [CLASSES.index(c) for c in ABNORMAL]
+        t = threshold_for(pv[:, ab].sum(axis=1), np.isin(val.labels, ab), args.val_sensitivity)
+        res[variant] = {
+            "threshold_rule": (
+                f"largest abnormality score with validation binary sensitivity ≥ {args.val_sensitivity}"
+            ),
+            "val": screening_figures(pv, val.labels, val.sources, val.groups, t),
+            "test": screening_figures(crop_probs(bundle, test), test.labels, test.sources, test.groups, t),
+        }
+        logger.info(
+            "%s: threshold %.4f; test %s", variant, t, json.dumps(res[variant]["test"], default=str)[:600]
+        )
+    _write_json(work / "evaluate.json", res)
+
+
+def stage_ablation(args: argparse.Namespace, work: Path) -> None:
+    """Blank boxes: the same slide from HSIL-sized and ASC-US-sized crops must be the same pixels."""
+    from wsi_screen.train.cell_slides import compose_cell_slide
+
+    cells = part_cells(args, "val")
+    bgs = part_backgrounds(args, "val")
+    by_class: dict[str, list[Any]] = {}
+    for c in cells:
+        by_class.setdefault(c.klass, []).append(c)
+    a = sorted(by_class, key=lambda k: np.median([c.rgb.shape[0] * c.rgb.shape[1] for c in by_class[k]]))
+    small, large = by_class[a[0]], by_class[a[-1]]
+    n = min(len(small), len(large), 100)
+    s1 = compose_cell_slide(small[:n], backgrounds=bgs, size_px=2048, pitch_um=40, seed=5, blank=True)
+    s2 = compose_cell_slide(large[:n], backgrounds=bgs, size_px=2048, pitch_um=40, seed=5, blank=True)
+    d = np.abs(s1.rgb.astype(np.int16) - s2.rgb.astype(np.int16))
+    med = {k: float(np.median([c.rgb.shape[1] for c in by_class[k]])) for k in (a[0], a[-1])}
+    out = {
+        "classes": [a[0], a[-1]],
+        "median_box_width_px": med,
+        "cells": n,
+        "max_abs_difference": int(d.max()),
+        "pixels_differing": int((d > 0).sum()),
+        "rule": "every crop reduced to its own glass (box without content); same seed, cells of two classes",
+    }
+    _write_json(work / "ablation.json", out)
+    logger.info("ablation: %s", out)
+
+
+def stage_ship(args: argparse.Namespace, work: Path) -> None:
+    from wsi_screen.models.bundle import CONFIG_NAME
+
+    src = work / "bundles" / args.ship
+    dest = BUNDLES / args.name
+    ev = json.loads((work / "evaluate.json").read_text())[args.ship]
+    cfg = json.loads((src / CONFIG_NAME).read_text())
+    # The export (flag) threshold run_slide uses by default: chosen on validation crops only.
+    cfg["thresholds"]["flag_score"] = round(ev["val"]["threshold"], 6)
+    cfg["metrics"]["real_cells"] = {
+        "command": "python pipelines/train_classifier_real.py --stages evaluate",
+        "threshold_rule": ev["threshold_rule"],
+        "val": ev["val"],
+        "test": ev["test"],
+    }
+    if args.ship == "finetune":  # record the first stage (its init is a path in WORK, not a bundle name)
+        first = json.loads((work / "bundles" / "init" / CONFIG_NAME).read_text())
+        cfg["training"]["stages"] = [
+            {
+                "stage": "init: synthetic pre-training (from cyto-synth-v1), class-balanced draws",
+                "recipe": first["training"]["recipe"],
+                "best_epoch": first["training"].get("best_epoch"),
+                "train_seconds": first["training"].get("train_seconds"),
+            },
+            {
+                "stage": "finetune: from the first stage, NILM and organism drawn "
+                f"{args.negative_weight} × as often",
+                "recipe": cfg["training"]["recipe"],
+            },
+        ]
+        cfg["training"]["recipe"] = {**cfg["training"]["recipe"], "init": "stage 1 (training.stages[0])"}
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.train"))
+    (dest / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    logger.info("shipped %s → %s", src, dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--manifest", type=Path, default=MANIFEST)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--force", nargs="*", default=[], choices=STAGES)
+    p.add_argument("--copies", type=int, default=3, help="times each training cell is pasted")
+    p.add_argument("--slide-px", type=int, default=4096)
+    p.add_argument("--pitch-um", type=float, default=80.0)
+    p.add_argument("--per-cell", type=int, default=3, help="detections kept per pasted cell")
+    p.add_argument("--background-per-slide", type=int, default=120)
+    p.add_argument("--synthetic", type=int, default=12, help="synthetic slides (artifact + synthetic cells)")
+    p.add_argument("--synthetic-weight", type=float, default=0.3)
+    p.add_argument("--localizer", default=None, help="localization bundle (default: the shipped default)")
+    p.add_argument(
+        "--variants", nargs="+", default=["init", "finetune"], choices=["scratch", "init", "finetune"]
+    )
+    p.add_argument("--negative-weight", type=float, default=3.0, help="finetune: NILM/organism draw weight")
+    p.add_argument("--arch", default="mobilenetv3_small_100")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--samples-per-epoch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--val-sensitivity", type=float, default=0.9)
+    p.add_argument("--ship", default="finetune")
+    p.add_argument("--name", default="cyto-real-v1")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wsi_screen.synth").setLevel(logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES:
+        if stage in args.stages:
+            logger.info("stage %s", stage)
+            globals()[f"stage_{stage}"](args, args.work)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
