@@ -175,3 +175,20 @@ def test_organisms_are_negative_and_reported() -> None:
     assert s["adequacy"]["squamous_cells"] == 5200  # type: ignore[index]
     none = _summ9(["NILM"] * 5200 + ["organism"] * 2)
     assert none["findings"]["organisms"]["present"] is False  # type: ignore[index]
+
+
+def test_the_export_threshold_comes_from_the_classifier_bundle() -> None:
+    from wsi_screen.models.bundle import load_bundle
+    from wsi_screen.pipeline import FALLBACK_FLAG_SCORE, resolve_flag_threshold
+
+    s = Settings()
+    assert s.output.flag_min_score is None
+    assert s.classification.models == ["cyto-real-v1"]
+    want = load_bundle("cyto-real-v1").config.thresholds["flag_score"]
+    assert 0.0 < want < 1.0
+    assert resolve_flag_threshold(s).output.flag_min_score == pytest.approx(want)
+    explicit = s.with_overrides({"output.flag_min_score": 0.8})
+    assert resolve_flag_threshold(explicit).output.flag_min_score == 0.8
+    synth = s.with_overrides({"classification.models": ["cyto-synth-v1"]})
+    assert "flag_score" not in load_bundle("cyto-synth-v1").config.thresholds
+    assert resolve_flag_threshold(synth).output.flag_min_score == FALLBACK_FLAG_SCORE

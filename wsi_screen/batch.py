@@ -1282,6 +1282,9 @@ def run_batch(
             ", watching" if watch else "",
         )
         identity = models_identity(settings)  # fails early (one line) if a bundle is missing
+        from wsi_screen.pipeline import resolve_flag_threshold
+
+        settings = resolve_flag_threshold(settings)  # as run_slide records it: one resume key
         settings.operating_point.check_models(identity)  # a calibrated preset holds for its models only
         key_models = models_hash(identity)
         key_config = config_hash(settings)

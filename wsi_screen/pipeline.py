@@ -117,12 +117,22 @@ class Models:
 FALLBACK_FLAG_SCORE = 0.5
 
 
-def resolve_flag_threshold(settings: Settings, classifier: Any) -> Settings:
+def resolve_flag_threshold(settings: Settings, classifier: Any = None) -> Settings:
     """Settings whose ``output.flag_min_score`` is a number: the setting when given, else the first
-    classifier bundle's ``thresholds.flag_score`` (chosen on its validation data), else 0.5."""
+    classifier bundle's ``thresholds.flag_score`` (chosen on its validation data), else 0.5.
+
+    ``classifier``: the loaded :class:`~wsi_screen.classify.CellClassifier`; None reads the first
+    bundle of ``classification.models`` (a batch resolves before hashing its settings, so that a
+    result's recorded settings and the batch's resume key agree).
+    """
     if settings.output.flag_min_score is not None:
         return settings
-    bundles = getattr(classifier, "bundles", None) or []
+    if classifier is None:
+        from wsi_screen.models.bundle import load_bundle
+
+        bundles = [load_bundle(settings.classification.models[0], task="classification")]
+    else:
+        bundles = getattr(classifier, "bundles", None) or []
     value = FALLBACK_FLAG_SCORE
     if bundles:
         value = float(bundles[0].config.thresholds.get("flag_score", FALLBACK_FLAG_SCORE))
