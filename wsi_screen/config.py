@@ -42,8 +42,6 @@ __all__ = [
     "parse_override",
 ]
 
-BETHESDA_CLASSES = ("NILM", "ASC-US", "LSIL", "HSIL", "artifact")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)

@@ -104,7 +104,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The classes of the shipped bundles, in their canonical order.
+#: The five classes of the first bundles (cyto-synth-v1, cyto-herlev-v1), in their canonical order: the
+#: default class set of a crop folder without a class map.
 BETHESDA_CLASSES: tuple[str, ...] = ("NILM", "ASC-US", "LSIL", "HSIL", "artifact")
 #: Other Bethesda names accepted as class names (kept in this order after the five above).
 _EXTRA_ORDER: tuple[str, ...] = ("ASC-H", "AGC", "AIS", "SCC", "organism")
