@@ -51,7 +51,8 @@ def screening_options(func: Any) -> Any:
                 "--min-score",
                 type=click.FloatRange(0.0, 1.0),
                 default=None,
-                help="Lowest cell score exported to flagged.geojson.",
+                help="Lowest cell score exported to flagged.geojson [default: the classifier bundle's "
+                "thresholds.flag_score, else 0.5].",
             ),
             click.option(
                 "--gzip/--no-gzip", "gzip", default=None, help="Write flagged.geojson.gz (QuPath 0.5+)."
