@@ -97,6 +97,8 @@ def lattice_slide(
     from scipy.ndimage import binary_dilation, gaussian_filter
     from scipy.ndimage import label as cc_label
 
+    from wsi_screen.train.cell_slides import cut_by_box, ellipse_fade
+
     rng = np.random.default_rng(seed)
     sized = []
     for rgb, lab, kind, mpp in items:
@@ -134,14 +136,8 @@ def lattice_slide(
         body = binary_dilation(sub_lab > 0, iterations=2)
         alpha = gaussian_filter(body.astype(np.float32), 3.0)
         alpha = np.maximum(alpha, (sub_lab > 0).astype(np.float32))
-        sh, sw = sub_lab.shape
-        edge = np.concatenate([body[0], body[-1], body[:, 0], body[:, -1]])
-        if fade_cut and edge.mean() > 0.05:  # cut by its box: no straight edge
-            yy, xx = np.mgrid[0:sh, 0:sw]
-            d = np.hypot(
-                (yy + 0.5 - sh / 2) / max(1.0, sh / 2 - 1), (xx + 0.5 - sw / 2) / max(1.0, sw / 2 - 1)
-            )
-            alpha *= np.clip((1.0 - d) / 0.3, 0.0, 1.0)
+        if fade_cut and cut_by_box(body):  # cut by its box: no straight edge
+            alpha *= ellipse_fade(sub_lab.shape, width=0.3)
         region = canvas[y0:y1, x0:x1]
         canvas[y0:y1, x0:x1] = alpha[..., None] * sub_rgb + (1.0 - alpha[..., None]) * region
         cell_labels[y0:y1, x0:x1][alpha >= 0.5] = len(cell_kinds)

@@ -152,12 +152,8 @@ def paste_layers(
     alpha = np.clip(gaussian_filter(body.astype(np.float32), 1.5) * 1.6 - 0.3, 0.0, 1.0)
     alpha[c_lab > 0] = 1.0
     alpha[~binary_dilation(body, iterations=3)] = 0.0
-    edge = np.concatenate([body[0], body[-1], body[:, 0], body[:, -1]])
-    if edge.mean() > 0.05:  # cut by its crop: fade out inside the box's ellipse
-        yy, xx = np.mgrid[0:ch, 0:cw]
-        # Semi-axes one pixel short of the box: the outermost pixel row and column stay at zero.
-        d = np.hypot((yy + 0.5 - ch / 2) / max(1.0, ch / 2 - 1), (xx + 0.5 - cw / 2) / max(1.0, cw / 2 - 1))
-        alpha *= np.clip((1.0 - d) / 0.25, 0.0, 1.0).astype(np.float32)
+    if cut_by_box(body):  # fade out inside the box's ellipse
+        alpha *= ellipse_fade((ch, cw), width=0.25)
     c_lab = np.where((c_lab == 2) & (alpha < 0.5), 1, c_lab).astype(np.uint8)
     contrib = (np.clip(c_od - glass[None, None, :], 0.0, None) * alpha[..., None]).astype(np.float32)
     return (
@@ -166,6 +162,23 @@ def paste_layers(
         np.ascontiguousarray(c_lab),
         None if inst is None else np.ascontiguousarray(inst),
     )
+
+
+def cut_by_box(mask: NDArray[np.bool_]) -> bool:
+    """Whether a crop's cell mask covers more than 5 % of the crop's border (the box cuts the cell)."""
+    edge = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    return bool(edge.mean() > 0.05)
+
+
+def ellipse_fade(shape: tuple[int, int], *, width: float) -> F32:
+    """1 inside the box's inscribed ellipse, falling linearly to 0 over ``width`` (a fraction of the
+    semi-axes) at its rim. Semi-axes are one pixel short of the box: the outermost pixel row and
+    column are 0, so no straight box edge is drawn."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    d = np.hypot((yy + 0.5 - h / 2) / max(1.0, h / 2 - 1), (xx + 0.5 - w / 2) / max(1.0, w / 2 - 1))
+    out: F32 = np.clip((1.0 - d) / width, 0.0, 1.0).astype(np.float32)
+    return out
 
 
 def _resize(a: NDArray[Any], shape: tuple[int, int], *, nearest: bool) -> NDArray[Any]:
