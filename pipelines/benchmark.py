@@ -451,8 +451,9 @@ def bench_stages(
 
     from wsi_screen.cells import CellTable
     from wsi_screen.classify import cut_crops
-    from wsi_screen.pipeline import TileProcessor, _owned_table, estimate_source_stats
+    from wsi_screen.device_stage import TileProcessor, owned_table
     from wsi_screen.slide import open_slide
+    from wsi_screen.slide_stain import estimate_source_stats
     from wsi_screen.stain import ReinhardStats
     from wsi_screen.store import CellStoreWriter
 
@@ -543,7 +544,7 @@ def bench_stages(
         for i, (tile, c) in enumerate(zip(sample, cands, strict=True)):
             lx, ly = tile.to_level0(c.x, c.y)
             own = np.flatnonzero(tile.owns(lx, ly))
-            tables.append(_owned_table(tile, c, own, lx, ly))
+            tables.append(owned_table(tile, c, own, lx, ly))
             ti.append(np.full(len(own), i, np.int64))
             cx.append(np.floor(np.asarray(c.x)[own]).astype(np.int64))
             cy.append(np.floor(np.asarray(c.y)[own]).astype(np.int64))

@@ -4,7 +4,7 @@
 Draws LBC slides of three stain profiles with no, the default (5 %) and large (50 %) out-of-focus
 regions (``synthesize_slide(blur_fraction=...)``), reads every tile window as the pipeline does
 (cell-region-free grid at 0.25 µm/px, slide-level glass-masked Reinhard towards ``DEFAULT_TARGET``),
-computes ``pipeline._focus`` on each core and relates it to the generator's truth: the fraction of the
+computes ``focus.tile_focus`` on each core and relates it to the generator's truth: the fraction of the
 tile's cells that were drawn out of focus. Prints the range of the measure on tiles whose cells are all
 sharp and on tiles whose cells are (almost) all blurred, and writes every tile's figures as JSON.
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_screen.pipeline import FOCUS_MARGIN, _focus
+from wsi_screen import focus as focus_qc
+from wsi_screen.focus import FOCUS_MARGIN
 from wsi_screen.slide import open_slide
 from wsi_screen.stain import DEFAULT_TARGET, glass_mask, lab_stats, reinhard
 from wsi_screen.synth import synthesize_slide
@@ -45,7 +46,7 @@ def tile_focus(
     x = torch.from_numpy(np.stack(windows))
     norm = reinhard(x, DEFAULT_TARGET, source=lab_stats(x, mask=glass_mask(x)))
     m = grid.halo - FOCUS_MARGIN
-    focus = _focus(norm[:, m:-m, m:-m], FOCUS_MARGIN)
+    focus = focus_qc.tile_focus(norm[:, m:-m, m:-m], FOCUS_MARGIN)
     rows = []
     for t, f in zip(tiles, focus, strict=True):
         inside = [o for o in objects if t.x0 <= o["x"] < t.x1 and t.y0 <= o["y"] < t.y1]

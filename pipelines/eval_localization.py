@@ -52,9 +52,10 @@ def screen_nuclei(
 ) -> tuple[np.ndarray, dict[str, Any], Any]:
     """Level-0 nucleus centres (N, 2) detected by the pipeline's device stage, and timings."""
     from wsi_screen.cells import CellTable
-    from wsi_screen.pipeline import TileProcessor, slide_stain
+    from wsi_screen.device_stage import TileProcessor
     from wsi_screen.reader import iter_windows
     from wsi_screen.slide import open_slide
+    from wsi_screen.slide_stain import slide_stain
     from wsi_screen.tiling import make_grid
     from wsi_screen.tissue import slide_cell_regions
 

@@ -157,7 +157,9 @@ def _cell_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, exact: boo
         return
     if exact:
         for k in sorted(a):
-            if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]):
+            nan_ok = a[k].dtype.kind == "f"
+            same = a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k], equal_nan=nan_ok)
+            if not same:
                 out.append(f"{k}: not identical")
         return
     for k in sorted(a):

@@ -147,8 +147,8 @@ def test_shared_file_handle_is_closed_with_the_last_slide(jpeg_slide: Path) -> N
 
 def test_owned_table_matches_per_cell_mapping() -> None:
     from wsi_screen.cells import MORPHOMETRICS
+    from wsi_screen.device_stage import owned_table
     from wsi_screen.localize import TileCandidates
-    from wsi_screen.pipeline import _owned_table
 
     grid = make_grid((5000, 5000), slide_mpp=0.25, mpp=0.5, tile_size=512, halo_um=32.0)
     tile = grid.tile(1, 2)
@@ -165,7 +165,7 @@ def test_owned_table_matches_per_cell_mapping() -> None:
     lx, ly = tile.to_level0(c.x, c.y)
     own = np.flatnonzero(tile.owns(lx, ly))
     assert 0 < len(own) < n
-    got = _owned_table(tile, c, own, lx, ly)
+    got = owned_table(tile, c, own, lx, ly)
     polys = []
     for i in own:
         poly = np.asarray(c.outlines[i], np.float64)
@@ -183,7 +183,7 @@ def test_owned_table_matches_per_cell_mapping() -> None:
         np.testing.assert_array_equal(got.columns()[name], col, err_msg=name)
     np.testing.assert_array_equal(got.outline_offsets, ref.outline_offsets)
     np.testing.assert_array_equal(got.outline_xy, ref.outline_xy)
-    empty = _owned_table(tile, c, own[:0], lx, ly)
+    empty = owned_table(tile, c, own[:0], lx, ly)
     assert len(empty) == 0 and empty.outline_xy.shape == (0, 2)
 
 
@@ -191,7 +191,7 @@ def _focus_bands(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Core, fine blur and coarse blur of one tile (core plus margin), float64, with scipy."""
     from scipy.ndimage import uniform_filter
 
-    from wsi_screen.pipeline import (
+    from wsi_screen.focus import (
         FOCUS_COARSE_BOXES,
         FOCUS_DOWNSAMPLE,
         FOCUS_FINE_BOXES,
@@ -248,7 +248,7 @@ def _focus_interval(rgb: np.ndarray, edge: float = 2.0) -> tuple[float, float]:
 def test_focus_matches_per_tile_reference_and_falls_with_blur() -> None:
     from scipy.ndimage import gaussian_filter
 
-    from wsi_screen.pipeline import FOCUS_MARGIN, _focus
+    from wsi_screen.focus import FOCUS_MARGIN, tile_focus
 
     rng = np.random.default_rng(0)
     side = 200 + 2 * FOCUS_MARGIN
@@ -266,7 +266,7 @@ def test_focus_matches_per_tile_reference_and_falls_with_blur() -> None:
     )
     rgb = np.repeat(grey[..., None], 3, axis=3).astype(np.float32)
     rgb[..., 0] += 10.0  # only the green channel counts
-    got = _focus(torch.from_numpy(rgb), FOCUS_MARGIN)
+    got = tile_focus(torch.from_numpy(rgb), FOCUS_MARGIN)
     ref = [_focus_reference(t) for t in rgb]
     for value, tile, exact in zip(got, rgb, ref, strict=True):
         if np.isnan(exact):
@@ -278,7 +278,7 @@ def test_focus_matches_per_tile_reference_and_falls_with_blur() -> None:
     assert got[1] < 0.65 < got[0]  # blur takes the ratio below the default triage.min_focus
     # A smaller margin is padded, not refused; the figure barely changes.
     inner = torch.from_numpy(rgb[:1, 4:-4, 4:-4])
-    assert _focus(inner, FOCUS_MARGIN - 4)[0] == pytest.approx(got[0], rel=0.1)
+    assert tile_focus(inner, FOCUS_MARGIN - 4)[0] == pytest.approx(got[0], rel=0.1)
 
 
 def test_bands_keep_row_major_order_unless_the_slide_is_wider_than_the_cache() -> None:
@@ -401,7 +401,7 @@ def test_unreadable_tile_read_as_parts_is_reported(jpeg_slide: Path, tmp_path: P
 
 def test_assemble_batch_pastes_parts_and_arrays_alike(jpeg_slide: Path) -> None:
     from wsi_screen.buffers import BufferPool
-    from wsi_screen.pipeline import assemble_batch
+    from wsi_screen.device_stage import assemble_batch
 
     with Slide(jpeg_slide) as slide:
         locs = [(0, 0), (384, 256), (-64, 1700), (2000, 100)]
@@ -427,7 +427,7 @@ def test_pinned_batch_reaches_the_gpu_intact(jpeg_slide: Path) -> None:
     another (pinned memory reused by torch's caching host allocator) all arrive intact."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from wsi_screen.pipeline import assemble_batch
+    from wsi_screen.device_stage import assemble_batch
 
     with Slide(jpeg_slide) as slide:
         regions = [[(x, y) for x in (0, 512, 1024)] for y in (0, 256, 768, 1280)]

@@ -2,9 +2,8 @@
 
 The records (tests/golden/demo/run and batch, written by tests/golden/make_golden.py) hold what a
 reorganization of the code must not change: the arrays of cells.zarr, the GeoJSON, summary.json and
-run.json (apart from timings, versions, timestamps and host) and the batch row. A batch screens the
-slide in a worker with its own thread settings, so its float sums (cytoplasm areas, focus) are not
-bit-identical to ``run``'s: each has its own record. How a run is compared with a record, and why
+run.json (apart from timings, versions, timestamps and host) and the batch row; ``run`` and
+``batch`` each have their own record (their run.json differ). How a run is compared with a record, and why
 the tolerances are what they are: tests/golden_outputs.py.
 """
 

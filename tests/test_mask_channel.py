@@ -231,7 +231,7 @@ def test_screening_warns_when_the_mask_comes_from_another_localizer(
 
 
 def test_tile_processor_refuses_a_contradictory_mask_flag(tmp_path: Path) -> None:
-    from wsi_screen.pipeline import TileProcessor
+    from wsi_screen.device_stage import TileProcessor
     from wsi_screen.tiling import make_grid
 
     rgb = load_bundle(_bundle(tmp_path, rep="rgb", channels=3, mean_len=3, name="rgb"))

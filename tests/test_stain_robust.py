@@ -286,7 +286,7 @@ OTHER_TARGET = ReinhardStats(mu=(8.2, -0.12, 0.03), sigma=(0.55, 0.07, 0.03))
 def test_each_model_gets_the_normalization_of_its_own_bundle(same: bool, monkeypatch: Any) -> None:
     import wsi_screen.stain as stain_module
     from wsi_screen.classify import cut_crops
-    from wsi_screen.pipeline import TileProcessor
+    from wsi_screen.device_stage import TileProcessor
     from wsi_screen.tiling import make_grid
 
     grid = make_grid((512, 512), slide_mpp=0.25, mpp=0.25, tile_size=256, halo_um=16.0)
@@ -440,8 +440,8 @@ def _grid(slide: Any, settings: Any) -> Any:
 
 def test_an_implausible_slide_is_flagged_and_not_normalized(tmp_path: Path) -> None:
     from wsi_screen.config import load_settings
-    from wsi_screen.pipeline import slide_stain
     from wsi_screen.slide import open_slide
+    from wsi_screen.slide_stain import slide_stain
 
     rng = np.random.default_rng(0)
     canvas = np.full((1024, 1024, 3), 240, np.uint8)
@@ -564,9 +564,10 @@ def _fields_slide(
 def _screen(path: Path, settings: Any, localizer: Any) -> tuple[np.ndarray, Any]:
     """Level-0 nucleus centres of the pipeline's device stage (no classifier), and the slide's stain."""
     from wsi_screen.cells import CellTable
-    from wsi_screen.pipeline import TileProcessor, slide_stain
+    from wsi_screen.device_stage import TileProcessor
     from wsi_screen.reader import iter_windows
     from wsi_screen.slide import open_slide
+    from wsi_screen.slide_stain import slide_stain
 
     with open_slide(path) as slide:
         grid = _grid(slide, settings)

@@ -92,9 +92,9 @@ def localize(
     from wsi_screen.cells import MORPHOMETRICS
     from wsi_screen.localize import Localizer
     from wsi_screen.models.bundle import load_bundle
-    from wsi_screen.pipeline import estimate_source_stats
     from wsi_screen.runtime import configure_torch, resolve_device
     from wsi_screen.slide import open_slide
+    from wsi_screen.slide_stain import estimate_source_stats
     from wsi_screen.stain import reinhard
     from wsi_screen.tiling import make_grid
     from wsi_screen.tissue import slide_cell_regions

@@ -46,11 +46,10 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,16 +59,15 @@ from numpy.typing import NDArray
 
 from wsi_screen.classify import MASK_REPRESENTATION, REPRESENTATIONS
 from wsi_screen.errors import WsiScreenError
+from wsi_screen.progress import progress_iter
 
 if TYPE_CHECKING:
     import torch
 
     from wsi_screen.config import Settings
     from wsi_screen.localize import Localizer
-    from wsi_screen.slide import Slide
     from wsi_screen.stain import ReinhardStats
     from wsi_screen.synth.truth import SlideTruth
-    from wsi_screen.tiling import TileGrid
 
 __all__ = [
     "BETHESDA_CLASSES",
@@ -758,7 +756,7 @@ def load_crop_folder(
         rel = p.relative_to(base).as_posix()
         groups.append(manifest.get(rel) or manifest.get(p.name) or rel)
     images_list = []
-    for p, _ in _progress(files, enabled=progress, desc="reading crops", unit="crop"):
+    for p, _ in progress_iter(files, enabled=progress, desc="reading crops", unit="crops"):
         images_list.append(_read_image(p))
     target_stats = DEFAULT_TARGET if stain_target is None else stain_target
     crops = prepare_crops(
@@ -1026,46 +1024,6 @@ def find_slide_for(annotation_path: str | os.PathLike[str], slides_dir: str | os
 # -- the inference path on one slide -------------------------------------------------------------------
 
 
-@dataclass
-class _SlideContext:
-    grid: TileGrid
-    source: ReinhardStats | None
-    target: ReinhardStats | None
-
-
-def _slide_context(
-    slide: Slide,
-    *,
-    settings: Settings,
-    mpp: float,
-    target: ReinhardStats | None,
-    localizer_target: ReinhardStats | None = None,
-) -> _SlideContext:
-    """Cell regions, tile grid and slide source statistics exactly as :func:`run_slide` makes them.
-
-    ``target``: the crops' Reinhard target; ``localizer_target``: the localizer's (its bundle's).
-    """
-    from wsi_screen.pipeline import slide_stain
-    from wsi_screen.tiling import make_grid
-    from wsi_screen.tissue import slide_cell_regions
-
-    regions = slide_cell_regions(slide, settings.tissue)
-    grid = make_grid(
-        slide.dimensions,
-        slide_mpp=slide.mpp,
-        mpp=mpp,
-        tile_size=settings.tiling.tile_size_px,
-        halo_um=settings.tiling.halo_um,
-        mask=regions.mask,
-        mask_mpp=regions.mpp,
-        min_tissue_fraction=settings.tiling.min_tissue_fraction,
-    )
-    stain = slide_stain(
-        slide, grid, settings=settings.stain, target=target, localizer_target=localizer_target
-    )
-    return _SlideContext(grid=grid, source=stain.source, target=stain.target)
-
-
 def crops_from_slide(
     slide_path: str | os.PathLike[str],
     x: NDArray[np.float64],
@@ -1090,7 +1048,8 @@ def crops_from_slide(
 
     from wsi_screen.classify import cut_crops, cut_mask_crops
     from wsi_screen.config import load_settings
-    from wsi_screen.pipeline import DARK_FILL_RGB
+    from wsi_screen.device_stage import DARK_FILL_RGB
+    from wsi_screen.pipeline import prepare_slide
     from wsi_screen.reader import iter_windows
     from wsi_screen.runtime import cpu_count
     from wsi_screen.slide import open_slide
@@ -1100,8 +1059,8 @@ def crops_from_slide(
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
     with open_slide(slide_path, backend=s.slide.backend, mpp=slide_mpp or s.slide.mpp) as slide:
         loc_target = None if localizer is None else getattr(localizer, "stain_target", target)
-        ctx = _slide_context(slide, settings=s, mpp=mpp, target=target, localizer_target=loc_target)
-        grid = ctx.grid
+        prepared = prepare_slide(slide, s, grid_mpp=mpp, target=target, localizer_target=loc_target)
+        grid, stain = prepared.grid, prepared.stain
         rows, cols = grid.owner(xs, ys)
         inside = rows >= 0
         if not inside.all():
@@ -1117,8 +1076,8 @@ def crops_from_slide(
                 raise DataError(f"{Path(slide_path).name}: tile {read.tile.index} unreadable ({read.error})")
             raw = torch.from_numpy(read.window)[None]
             win = raw
-            if ctx.target is not None and ctx.source is not None:
-                win = reinhard(raw, ctx.target, source=ctx.source)
+            if stain.target is not None and stain.source is not None:
+                win = reinhard(raw, stain.target, source=stain.source)
             sel = np.flatnonzero(inside & (tile_ids == read.tile.index))
             px, py = read.tile.to_window(xs[sel], ys[sel])
             ti = torch.zeros(len(sel), dtype=torch.long)
@@ -1127,11 +1086,11 @@ def crops_from_slide(
             crops = cut_crops(win, ti, cx, cy, size)
             if localizer is not None:
                 loc_in = win  # the localizer's own target (as TileProcessor does): one pass if equal
-                if loc_target != ctx.target:
+                if loc_target != stain.target:
                     loc_in = (
                         raw
-                        if loc_target is None or ctx.source is None
-                        else reinhard(raw, loc_target, source=ctx.source)
+                        if loc_target is None or stain.source is None
+                        else reinhard(raw, loc_target, source=stain.source)
                     )
                 if s.stain.fill_dark_regions:  # glass instead of large dark regions, as TileProcessor
                     dark = dark_region_mask(raw, mpp=grid.mpp, isolated=False)
@@ -1197,7 +1156,7 @@ def crops_from_annotations(
     if not plans:
         raise DataError("the annotations hold no cell of a mapped class")
     parts: list[CropSet] = []
-    for f, slide_path, anns, labels in _progress(plans, enabled=progress, desc="slides", unit="slide"):
+    for f, slide_path, anns, labels in progress_iter(plans, enabled=progress, desc="slides", unit="slides"):
         xs = np.array([a.x for a in anns])
         ys = np.array([a.y for a in anns])
         crops, inside = crops_from_slide(
@@ -1385,81 +1344,58 @@ def _run_device_stage(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
     """Every cell the pipeline would classify on a slide: level-0 (x, y) and its crop.
 
-    Cells on tile edges are settled by the slide's :class:`~wsi_screen.localize.CoverageResolver`, as
-    in :func:`~wsi_screen.pipeline.run_slide`: each cell once, with the crop of the tile whose version
-    was kept.
+    The slide is prepared (:func:`~wsi_screen.pipeline.prepare_slide`) and its tiles screened by
+    :func:`~wsi_screen.tile_loop.run_tiles` as in :func:`~wsi_screen.pipeline.run_slide`, without a
+    classifier: cells on tile edges are settled by the slide's
+    :class:`~wsi_screen.localize.CoverageResolver`, each cell once, with the crop of the tile whose
+    version was kept.
     """
-    from wsi_screen.cells import CellTable
+    from wsi_screen.device_stage import BatchResult, TileProcessor
     from wsi_screen.localize import CoverageResolver
-    from wsi_screen.pipeline import TileProcessor
-    from wsi_screen.reader import iter_windows
-    from wsi_screen.runtime import cpu_count
+    from wsi_screen.pipeline import prepare_slide
     from wsi_screen.slide import open_slide
+    from wsi_screen.tile_loop import run_tiles
+    from wsi_screen.tiling import Tile
 
-    xs: list[NDArray[np.float64]] = []
-    ys: list[NDArray[np.float64]] = []
-    crops: list[NDArray[np.uint8]] = []
-    # Crops of the cells the resolver may still report, by (tile, x, y) of the tile's version.
+    # The crop of every cell of every tile's version, by (tile, x, y); the resolver keeps one version.
     held: dict[tuple[int, float, float], NDArray[np.uint8]] = {}
 
-    def emit(table: CellTable) -> None:
-        xs.append(np.asarray(table.x, np.float64))
-        ys.append(np.asarray(table.y, np.float64))
-        crops.extend(
-            held.pop((int(t), float(a), float(b)))
-            for t, a, b in zip(table.tile.tolist(), table.x.tolist(), table.y.tolist(), strict=True)
-        )
+    def keep_crops(tiles: Sequence[Tile], res: BatchResult) -> None:
+        if res.crops is None:
+            raise RuntimeError("the device stage returned no crops (keep_crops=True)")
+        tile_crops = res.crops.cpu().numpy()
+        start = 0
+        for tile, table in zip(tiles, res.tables, strict=True):
+            for i, (a, b) in enumerate(zip(table.x.tolist(), table.y.tolist(), strict=True)):
+                held[(tile.index, float(a), float(b))] = tile_crops[start + i]
+            start += len(table)
 
     with open_slide(slide_path, backend=settings.slide.backend) as slide:
         loc_target = getattr(localizer, "stain_target", target)
-        ctx = _slide_context(slide, settings=settings, mpp=mpp, target=target, localizer_target=loc_target)
-        coverage = CoverageResolver(ctx.grid)
+        prepared = prepare_slide(slide, settings, grid_mpp=mpp, target=target, localizer_target=loc_target)
         proc = TileProcessor(
             localizer=localizer,
             classifier=None,
-            grid=ctx.grid,
-            source=ctx.source,
-            target=ctx.target,
+            grid=prepared.grid,
+            source=prepared.stain.source,
+            target=prepared.stain.target,
             fill_dark=settings.stain.fill_dark_regions,
             crop_size=size,
             device=device,
             keep_crops=True,
             mask_channel=mask_channel,
-            coverage=coverage,
+            coverage=CoverageResolver(prepared.grid),
         )
-        batch: list[Any] = []
-
-        def flush() -> None:
-            if not batch:
-                return
-            res = proc([t for t, _ in batch], [w for _, w in batch])
-            assert res.crops is not None  # keep_crops
-            tile_crops = res.crops.cpu().numpy()
-            start = 0
-            for (tile, _), table in zip(batch, res.tables, strict=True):
-                for i, (a, b) in enumerate(zip(table.x.tolist(), table.y.tolist(), strict=True)):
-                    held[(tile.index, float(a), float(b))] = tile_crops[start + i]
-                start += len(table)
-                emit(coverage.add(tile, table))
-            batch.clear()
-
-        tiles = list(ctx.grid.tiles(kept_only=True))
-        workers = settings.reading.workers or cpu_count()
-        for read in iter_windows(
-            slide, tiles, mpp=ctx.grid.mpp, workers=workers, prefetch=settings.reading.queue_tiles
-        ):
-            if read.window is not None:
-                batch.append((read.tile, read.window))
-            else:
-                emit(coverage.skip(read.tile))
-            if len(batch) >= max(1, settings.localization.batch_size):
-                flush()
-        flush()
-        emit(coverage.finish())
-    empty = np.zeros((0, size, size, 4 if mask_channel else 3), np.uint8)
-    if not crops:
-        return np.zeros(0), np.zeros(0), empty
-    return np.concatenate(xs), np.concatenate(ys), np.stack(crops)
+        cells = run_tiles(
+            slide, prepared.grid, proc, settings=settings, class_names=(), on_batch=keep_crops
+        ).cells
+    if not len(cells):
+        return np.zeros(0), np.zeros(0), np.zeros((0, size, size, 4 if mask_channel else 3), np.uint8)
+    crops = [
+        held[(int(t), float(a), float(b))]
+        for t, a, b in zip(cells.tile.tolist(), cells.x.tolist(), cells.y.tolist(), strict=True)
+    ]
+    return np.asarray(cells.x, np.float64), np.asarray(cells.y, np.float64), np.stack(crops)
 
 
 def synthetic_crops(
@@ -1509,7 +1445,7 @@ def synthetic_crops(
     n_det = 0
     n_matched = 0
     t0 = time.perf_counter()
-    for spec in _progress(plan, enabled=progress, desc="synthetic slides", unit="slide"):
+    for spec in progress_iter(plan, enabled=progress, desc="synthetic slides", unit="slides"):
         f = cache / f"slide-{spec.index:04d}-{spec.key()}-{tag}.npz"
         if f.is_file():
             with np.load(f) as z:
@@ -1597,24 +1533,6 @@ def _cpu() -> torch.device:
     import torch
 
     return torch.device("cpu")
-
-
-# -- progress ------------------------------------------------------------------------------------------
-
-
-def _progress(items: Sequence[Any], *, enabled: bool, desc: str, unit: str) -> Iterator[Any]:
-    """tqdm over ``items`` on a terminal; otherwise plain iteration with a log line every 10 %."""
-    n = len(items)
-    if enabled and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        yield from tqdm(items, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
-        return
-    step = max(1, math.ceil(n / 10))
-    for i, item in enumerate(items):
-        yield item
-        if enabled and n >= 10 and ((i + 1) % step == 0 or i + 1 == n):
-            logger.info("%s: %d/%d %ss", desc, i + 1, n, unit)
 
 
 # -- several sources at once ---------------------------------------------------------------------------

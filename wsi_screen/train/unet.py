@@ -427,8 +427,8 @@ def synthetic_samples(
     """
     import torch
 
-    from wsi_screen.pipeline import estimate_source_stats
     from wsi_screen.slide import open_slide
+    from wsi_screen.slide_stain import estimate_source_stats
     from wsi_screen.stain import reinhard
     from wsi_screen.synth import synthesize_slide
     from wsi_screen.tiling import make_grid
