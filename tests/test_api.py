@@ -122,7 +122,7 @@ def test_screen_takes_presets_overrides_and_models(slide: Path) -> None:
 def test_screen_reports_bad_input_clearly(tmp_path: Path) -> None:
     from wsi_screen.errors import ConfigError, WsiScreenError
 
-    with pytest.raises(WsiScreenError, match="missing.svs"):
+    with pytest.raises(WsiScreenError, match=r"missing\.svs"):
         wsi_screen.screen(tmp_path / "missing.svs")
     with pytest.raises(ConfigError, match="no_such"):
         wsi_screen.screen(tmp_path / "missing.svs", overrides={"triage.no_such": 1})

@@ -1,7 +1,8 @@
 """Batch logic with a stand-in for the screening step: discovery, ids, locks, resume, worklist, watch.
 
-The stand-in opens each slide with the real reader (so corrupt, truncated and µm/px-less files fail
-exactly as in a real run) and publishes a small result folder atomically, as ``run_slide`` does.
+The stand-in runner (``run_batch(runner=...)``) opens each slide with the real reader (so corrupt,
+truncated and µm/px-less files fail exactly as in a real run) and publishes a small result folder
+through :mod:`wsi_screen.output_layout` (temporary folder, atomic rename), as ``run_slide`` does.
 End-to-end runs with the shipped models are in ``test_batch_e2e.py``.
 """
 
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,8 @@ def write_tiff(path: Path, *, mpp: float | None = 0.25, size: int = 512, value: 
 
 
 class FakePipeline:
-    """Stands in for ``run_slide``: real slide opening, fake but complete atomic outputs."""
+    """Stands in for ``run_slide`` (a :class:`~wsi_screen.batch.SlideRunner`): real slide opening,
+    fake but complete outputs, published as ``run_slide`` publishes them."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -77,8 +78,10 @@ class FakePipeline:
         arguments: Any = None,
         on_tile: Any = None,
     ) -> Any:
-        from wsi_screen.pipeline import SlideResult, _publish, slide_id_for
+        from wsi_screen import output_layout as layout
+        from wsi_screen.pipeline import SlideResult, slide_id_for
         from wsi_screen.slide import open_slide
+        from wsi_screen.store import CellStoreWriter
 
         with self.lock:
             self.calls.append(Path(slide_path).name)
@@ -87,8 +90,7 @@ class FakePipeline:
             dims = slide.dimensions
         sid = slide_id or slide_id_for(slide_path)
         out_root = Path(out_root)
-        tmp = out_root / f".{sid}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        tmp = layout.atomic_dir(out_root, sid)
         try:
             for i in range(4):
                 time.sleep(self.delay_s / 4)
@@ -110,11 +112,10 @@ class FakePipeline:
             "adequacy": {"squamous_cells": 10, "adequate": False},
             "qc": {"flags": ["low_cellular_area"]},
         }
-        (tmp / "summary.json").write_text(json.dumps(summary))
-        (tmp / "flagged.geojson").write_text('{"type": "FeatureCollection", "features": []}')
-        (tmp / "report.html").write_text("<html></html>")
-        (tmp / "cells.zarr").mkdir()
-        (tmp / "cells.zarr" / "zarr.json").write_text(json.dumps({"attributes": {"complete": True}}))
+        (tmp / layout.SUMMARY).write_text(json.dumps(summary))
+        (tmp / layout.FLAGGED).write_text('{"type": "FeatureCollection", "features": []}')
+        (tmp / layout.REPORT).write_text("<html></html>")
+        CellStoreWriter(tmp / layout.CELLS, class_names=CLASSES, abnormal_classes=CLASSES[1:4]).close()
         run = {
             "slide": {"name": Path(slide_path).name, "fingerprint": fingerprint, "dimensions": list(dims)},
             "arguments": dict(arguments or {}),
@@ -123,18 +124,17 @@ class FakePipeline:
             "timings": {"total": 0.1},
             "tiles": {"processed": 4},
         }
-        (tmp / "run.json").write_text(json.dumps(run))
-        _publish(tmp, out_root / sid)
+        (tmp / layout.RUN).write_text(json.dumps(run))
+        layout.publish(tmp, out_root / sid)
         return SlideResult(sid, out_root / sid, summary, summary["n_cells"], {"total": 0.1})
 
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakePipeline:
-    pipe = FakePipeline()
-    monkeypatch.setattr("wsi_screen.pipeline.run_slide", pipe)
+    """The stand-in runner (pass it as ``run_batch(runner=fake)``), fake models and their identity."""
     monkeypatch.setattr("wsi_screen.pipeline.load_models", lambda settings: object())
-    monkeypatch.setattr(B, "models_identity", lambda settings: MODELS)
-    return pipe
+    monkeypatch.setattr("wsi_screen.batch.loop.models_identity", lambda settings: MODELS)
+    return FakePipeline()
 
 
 @pytest.fixture
@@ -367,7 +367,7 @@ def test_batch_bad_slides_reported_and_resume(
 ) -> None:
     caplog.set_level(logging.INFO, logger="wsi_screen")
     out = tmp_path / "out"
-    report = B.run_batch(scans, out, settings=settings, progress=False)
+    report = B.run_batch(scans, out, settings=settings, runner=fake, progress=False)
     status = {o.slide: o for o in report.outcomes}
     assert {k: o.status for k, o in status.items()} == {
         "good-1.tiff": "ok",
@@ -393,7 +393,7 @@ def test_batch_bad_slides_reported_and_resume(
 
     # Second run: finished slides are kept; known failures are not retried.
     fake.calls.clear()
-    again = B.run_batch(scans, out, settings=settings, progress=False)
+    again = B.run_batch(scans, out, settings=settings, runner=fake, progress=False)
     assert fake.calls == []
     expected = {k: "skipped" if o.status == "ok" else o.status for k, o in status.items()}
     assert {o.slide: o.status for o in again.outcomes} == expected
@@ -401,14 +401,16 @@ def test_batch_bad_slides_reported_and_resume(
     assert read_csv(out / "batch.csv")[0]["score"] != ""  # kept results stay in the worklist
 
     # --retry-failed tries the failures again, --mpp fixes one of them.
-    B.run_batch(scans, out, settings=settings, progress=False, retry_failed=True)
+    B.run_batch(scans, out, settings=settings, runner=fake, progress=False, retry_failed=True)
     assert sorted(fake.calls) == ["corrupt.svs", "mirax.mrxs", "no-mpp.tiff", "truncated.tiff"]
 
     # A result-neutral change keeps everything; a relevant one redoes every slide.
     fake.calls.clear()
-    B.run_batch(scans, out, settings=settings.with_overrides({"reading.workers": 1}), progress=False)
+    neutral = settings.with_overrides({"reading.workers": 1})
+    relevant = settings.with_overrides({"triage.confidence": 0.9})
+    B.run_batch(scans, out, settings=neutral, runner=fake, progress=False)
     assert fake.calls == []
-    B.run_batch(scans, out, settings=settings.with_overrides({"triage.confidence": 0.9}), progress=False)
+    B.run_batch(scans, out, settings=relevant, runner=fake, progress=False)
     assert sorted(fake.calls) == [
         "corrupt.svs",
         "good-1.tiff",
@@ -421,14 +423,14 @@ def test_batch_bad_slides_reported_and_resume(
     # A changed file is redone; the others are kept.
     fake.calls.clear()
     write_tiff(scans / "good-1.tiff", size=768)
-    B.run_batch(scans, out, settings=settings.with_overrides({"triage.confidence": 0.9}), progress=False)
+    B.run_batch(scans, out, settings=relevant, runner=fake, progress=False)
     assert fake.calls == ["good-1.tiff"]
 
     # Other models redo everything that succeeded.
     fake.calls.clear()
     other = [*MODELS[:1], {**MODELS[1], "sha256": "c" * 64}]
-    monkeypatch.setattr(B, "models_identity", lambda settings: other)
-    B.run_batch(scans, out, settings=settings.with_overrides({"triage.confidence": 0.9}), progress=False)
+    monkeypatch.setattr("wsi_screen.batch.loop.models_identity", lambda settings: other)
+    B.run_batch(scans, out, settings=relevant, runner=fake, progress=False)
     assert sorted(fake.calls) == [
         "corrupt.svs",
         "good-1.tiff",
@@ -445,31 +447,35 @@ def test_incomplete_or_foreign_result_is_redone(
     scans = tmp_path / "scans"
     write_tiff(scans / "s.tiff")
     out = tmp_path / "out"
-    B.run_batch(scans, out, settings=settings, progress=False)
+    B.run_batch(scans, out, settings=settings, runner=fake, progress=False)
     (out / "s" / "report.html").unlink()  # damaged by hand
     fake.calls.clear()
-    B.run_batch(scans, out, settings=settings, progress=False)
+    B.run_batch(scans, out, settings=settings, runner=fake, progress=False)
     assert fake.calls == ["s.tiff"]
     zarr_json = out / "s" / "cells.zarr" / "zarr.json"
-    zarr_json.write_text(json.dumps({"attributes": {"complete": False}}))
+    meta = json.loads(zarr_json.read_text())
+    meta["attributes"]["complete"] = False  # as a store whose writer never closed it
+    zarr_json.write_text(json.dumps(meta))
     fake.calls.clear()
-    B.run_batch(scans, out, settings=settings, progress=False)
+    B.run_batch(scans, out, settings=settings, runner=fake, progress=False)
     assert fake.calls == ["s.tiff"]
     # A half-written temporary folder of a killed run is never taken for a result, and is cleaned.
     stale = out / f".s.tmp-{dead_pid()}-0123abcd"
     (out / "s").rename(stale)
     fake.calls.clear()
-    B.run_batch(scans, out, settings=settings, progress=False)
+    B.run_batch(scans, out, settings=settings, runner=fake, progress=False)
     assert fake.calls == ["s.tiff"] and not stale.exists()
 
 
 def test_empty_input_and_output_inside_input(fake: FakePipeline, tmp_path: Path, settings: Settings) -> None:
     (tmp_path / "empty").mkdir()
-    report = B.run_batch(tmp_path / "empty", tmp_path / "empty" / "out", settings=settings, progress=False)
+    report = B.run_batch(
+        tmp_path / "empty", tmp_path / "empty" / "out", settings=settings, runner=fake, progress=False
+    )
     assert report.outcomes == [] and report.exit_code == 0
     assert json.loads((tmp_path / "empty" / "out" / "batch.json").read_text())["slides"] == []
     with pytest.raises(B.BatchError, match="contains the input"):
-        B.run_batch(tmp_path / "empty", tmp_path, settings=settings, progress=False)
+        B.run_batch(tmp_path / "empty", tmp_path, settings=settings, runner=fake, progress=False)
 
 
 def test_two_batches_share_the_work(fake: FakePipeline, tmp_path: Path, settings: Settings) -> None:
@@ -481,7 +487,9 @@ def test_two_batches_share_the_work(fake: FakePipeline, tmp_path: Path, settings
     reports: list[B.BatchReport] = []
 
     def go() -> None:
-        reports.append(B.run_batch(scans, out, settings=settings, progress=False, log_file=False))
+        reports.append(
+            B.run_batch(scans, out, settings=settings, runner=fake, progress=False, log_file=False)
+        )
 
     threads = [threading.Thread(target=go) for _ in range(2)]
     for t in threads:
@@ -505,7 +513,7 @@ def test_stop_abandons_the_current_slide(fake: FakePipeline, tmp_path: Path, set
     fake.delay_s = 1.0
     timer = threading.Timer(0.5, stop.set)  # mid-way through the first slide
     timer.start()
-    report = B.run_batch(scans, out, settings=settings, progress=False, stop=stop)
+    report = B.run_batch(scans, out, settings=settings, runner=fake, progress=False, stop=stop)
     timer.cancel()
     assert report.interrupted
     assert {o.status for o in report.outcomes} == {"pending"}
@@ -526,6 +534,7 @@ def test_watch_waits_for_files_to_settle(fake: FakePipeline, tmp_path: Path, set
                 scans,
                 out,
                 settings=settings,
+                runner=fake,
                 progress=False,
                 stop=stop,
                 watch=True,

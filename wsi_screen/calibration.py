@@ -29,7 +29,6 @@ import html
 import json
 import logging
 import math
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from wsi_screen.evaluation import (
     normalize_label,
     read_labels_csv,
 )
+from wsi_screen.jsonio import atomic_write_text
 from wsi_screen.metrics import (
     binary_auroc,
     clopper_pearson_lower,
@@ -838,12 +838,6 @@ def preset_yaml(result: Mapping[str, Any]) -> str:
     return head + yaml.safe_dump(dict(result["preset"]), sort_keys=False, allow_unicode=True, width=100)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_calibration(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``calibration.json``, ``calibration.html`` and ``operating-point.yaml`` (a calibration) or
     ``validation.json`` and ``validation.html`` (a validation); returns ``{kind: path}``."""
@@ -851,11 +845,13 @@ def write_calibration(result: Mapping[str, Any], out_dir: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     stem = "calibration" if result["kind"] == "calibration" else "validation"
     written = {"json": out / f"{stem}.json", "html": out / f"{stem}.html"}
-    _atomic_write(written["json"], json.dumps(result, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
-    _atomic_write(written["html"], calibration_html(result))
+    atomic_write_text(
+        written["json"], json.dumps(result, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    )
+    atomic_write_text(written["html"], calibration_html(result))
     if result["kind"] == "calibration":
         written["preset"] = out / PRESET_FILE
-        _atomic_write(written["preset"], preset_yaml(result))
+        atomic_write_text(written["preset"], preset_yaml(result))
         # The preset must load: a broken one would only fail at the next batch.
         load_settings(config=written["preset"])
     return written

@@ -19,6 +19,7 @@ __all__ = [
     "SlideTooLargeError",
     "UnsupportedSlideError",
     "WsiScreenError",
+    "one_line",
 ]
 
 
@@ -64,3 +65,9 @@ class BundleNotFoundError(BundleError, FileNotFoundError):
 
 class CalibrationError(WsiScreenError, ValueError):
     """A batch output and its slide diagnoses cannot calibrate (or validate) an operating point."""
+
+
+def one_line(exc: BaseException, *, limit: int = 200) -> str:
+    """The message of ``exc`` on one line (its type name if empty), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

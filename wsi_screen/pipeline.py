@@ -398,7 +398,7 @@ def screen_and_write(
 ) -> tuple[SlideResult | None, Screened]:
     """:func:`screen_open_slide` on the slide at ``slide_path``; with ``out_root``, its outputs
     written and published as :func:`run_slide` does (without, nothing is written)."""
-    from wsi_screen.output_layout import CELLS_ZARR, publish, temp_dir
+    from wsi_screen.output_layout import CELLS, atomic_dir, publish
     from wsi_screen.slide_outputs import write_slide_outputs
 
     t_start = time.perf_counter()
@@ -429,7 +429,7 @@ def screen_and_write(
         screened.timings["total"] = time.perf_counter() - t_start
         return None, screened
     out = Path(out_root)
-    tmp = temp_dir(out, sid)
+    tmp = atomic_dir(out, sid)
     try:
         with slide:
             fingerprint = slide.fingerprint()
@@ -439,7 +439,7 @@ def screen_and_write(
                 settings=settings,
                 models=models,
                 slide_id=sid,
-                store_path=tmp / CELLS_ZARR,
+                store_path=tmp / CELLS,
                 progress=progress,
                 on_tile=on_tile,
                 fingerprint=fingerprint,

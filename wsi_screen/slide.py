@@ -36,6 +36,7 @@ from wsi_screen.errors import (
     SlideTooLargeError,
     UnsupportedSlideError,
     WsiScreenError,
+    one_line,
 )
 
 __all__ = [
@@ -203,17 +204,12 @@ def _check_tiff_integrity(path: Path) -> None:
                 if len(offsets):
                     end = max(end, max(o + c for o, c in zip(offsets, counts, strict=False)))
     except Exception as exc:  # tifffile raises many types for damaged files
-        raise CorruptSlideError(f"{path.name} has a damaged TIFF structure: {_one_line(exc)}") from exc
+        raise CorruptSlideError(f"{path.name} has a damaged TIFF structure: {one_line(exc)}") from exc
     if end > size:
         raise CorruptSlideError(
             f"{path.name} is truncated: image data extends to byte {end} but the file has {size} "
             "bytes; copy the slide again from the scanner"
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _open_openslide(path: Path) -> _Handle:
@@ -229,9 +225,9 @@ def _open_openslide(path: Path) -> _Handle:
     try:
         return cast(_Handle, openslide.OpenSlide(str(path)))
     except openslide.OpenSlideUnsupportedFormatError as exc:
-        raise UnsupportedSlideError(f"{path.name}: unsupported slide format ({_one_line(exc)})") from exc
+        raise UnsupportedSlideError(f"{path.name}: unsupported slide format ({one_line(exc)})") from exc
     except openslide.OpenSlideError as exc:
-        msg = _one_line(exc)
+        msg = one_line(exc)
         if "nsupported" in msg:
             raise UnsupportedSlideError(f"{path.name}: unsupported slide ({msg})") from exc
         _check_tiff_integrity(path)
@@ -250,7 +246,7 @@ def _open_tiffslide(path: Path) -> _Handle:
     try:
         return cast(_Handle, tiffslide.TiffSlide(str(path)))
     except Exception as exc:  # tifffile/tiffslide raise many types for damaged files
-        raise CorruptSlideError(f"{path.name} cannot be opened by tiffslide ({_one_line(exc)})") from exc
+        raise CorruptSlideError(f"{path.name} cannot be opened by tiffslide ({one_line(exc)})") from exc
 
 
 def _parse_float(value: object) -> float | None:
@@ -413,7 +409,7 @@ class _DirectTiff:
                         decode=p.decode,
                     )
         except Exception as exc:  # tifffile raises many types; the backend then reads everything
-            logger.debug("direct TIFF reading unavailable for %s: %s", path.name, _one_line(exc))
+            logger.debug("direct TIFF reading unavailable for %s: %s", path.name, one_line(exc))
             return None
         return cls(path, levels, cache_bytes) if levels else None
 
@@ -860,7 +856,7 @@ class Slide:
         x0, y0, x1, y1 = box
         return CorruptTileError(
             f"{self.path.name}: corrupt tile data at level {level}, region "
-            f"x={x0} y={y0} {x1 - x0}×{y1 - y0} ({_one_line(exc)})"
+            f"x={x0} y={y0} {x1 - x0}×{y1 - y0} ({one_line(exc)})"
         )
 
     def _clip_to_level(
@@ -884,7 +880,7 @@ class Slide:
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            msg = _one_line(exc)
+            msg = one_line(exc)
             self._recover_after_error()
             if "COMPRESSION" in msg or "ompression" in msg:
                 raise UnsupportedSlideError(

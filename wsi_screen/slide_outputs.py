@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_screen import __version__
-from wsi_screen.output_layout import FLAGGED_GEOJSON, QC_REGIONS_PNG, REPORT_HTML, RUN_JSON, SUMMARY_JSON
+from wsi_screen.output_layout import FLAGGED, QC_REGIONS, REPORT, RUN, SUMMARY
 
 if TYPE_CHECKING:
     from wsi_screen.pipeline import Screened
@@ -48,8 +48,8 @@ def write_slide_outputs(
     slide, regions, grid = prepared.slide, prepared.regions, prepared.grid
     cells, summary, spec = screened.cells, screened.summary, models.class_spec
     slide_info = screened.attrs["slide"]
-    (folder / QC_REGIONS_PNG).write_bytes(qc_thumbnail_png(regions))
-    write_summary(folder / SUMMARY_JSON, summary)
+    (folder / QC_REGIONS).write_bytes(qc_thumbnail_png(regions))
+    write_summary(folder / SUMMARY, summary)
     flagged = select_cells(
         cells,
         class_names=spec.names,
@@ -59,7 +59,7 @@ def write_slide_outputs(
         max_cells=settings.output.flag_max_cells or None,
     )
     write_geojson(
-        folder / FLAGGED_GEOJSON,
+        folder / FLAGGED,
         cells,
         class_names=spec.names,
         abnormal_classes=spec.abnormal,
@@ -92,7 +92,7 @@ def write_slide_outputs(
             heatmap_um=settings.output.report_heatmap_um,
             max_gallery=settings.output.top_n,
         )
-        write_report(folder / REPORT_HTML, html)
+        write_report(folder / REPORT, html)
     timings = screened.timings
     timings["outputs"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - (t0 if t_start is None else t_start)
@@ -123,5 +123,5 @@ def write_slide_outputs(
         "finished": datetime.now(timezone.utc).isoformat(),
         "host": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count()},
     }
-    write_json(folder / RUN_JSON, run_info)
+    write_json(folder / RUN, run_info)
     return run_info

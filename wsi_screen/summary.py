@@ -26,10 +26,8 @@ The rules, each threshold coming from :class:`~wsi_screen.config.TriageSettings`
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -410,9 +408,6 @@ def summarize(
 
 def write_summary(path: str | Path, summary: Mapping[str, Any]) -> Path:
     """Write ``summary.json`` (strict JSON: NaN/Infinity are an error) via a temporary sibling."""
-    p = Path(path)
-    text = json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    from wsi_screen.jsonio import write_json
+
+    return write_json(path, summary, ensure_ascii=False, default=None)

@@ -227,11 +227,10 @@ def _split_from_json(data: CropSet, saved: Mapping[str, Any]) -> dict[str, NDArr
 
 
 def _write_json(path: Path, data: Any) -> None:
+    from wsi_screen.jsonio import write_json
     from wsi_screen.metrics import jsonable
 
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, jsonable(data), default=None)
 
 
 def _head_parameters(model: nn.Module) -> set[int]:
