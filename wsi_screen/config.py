@@ -425,8 +425,8 @@ class RuntimeSettings(_Section):
     cpu_bf16: bool = Field(
         False,
         description=(
-            "bf16 autocast for the models on the CPU too (as on CUDA): 1.3–2.6× faster on CPUs with "
-            "AMX or AVX-512-BF16, slower elsewhere; results change slightly (docs/performance.md)"
+            "bf16 autocast for the models on the CPU too (as on CUDA): faster on CPUs with AMX or "
+            "AVX-512-BF16, slower elsewhere; results change slightly (figures in docs/performance.md)"
         ),
     )
 

@@ -405,8 +405,9 @@ def resolve_candidate_path(requested: str, device: torch.device) -> Literal["cpu
     """``cpu`` or ``torch`` for ``localization.candidates`` on ``device``.
 
     ``auto``: the torch path on CUDA, where the maps stay on the device and a batch is extracted at
-    once (the CPU path held a GPU run to 30–42 tiles/s); the CPU path elsewhere, where it is faster
-    than the same torch code on the CPU (``docs/performance.md``, *Candidate extraction in torch*).
+    once (the CPU path held GPU runs far below the U-Net's speed); the CPU path elsewhere, where it is
+    faster than the same torch code on the CPU (figures in ``docs/performance.md``, *GPU* and
+    *Candidate extraction in torch*).
     """
     if requested == "auto":
         return "torch" if device.type == "cuda" else "cpu"

@@ -65,8 +65,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: A small timm network that trains from scratch on a CPU (≈ 70 crops/s training, 360/s inference
-#: on 2 cores at 224 px).
+#: A small timm network that trains from scratch on a CPU in reasonable time (speed in
+#: docs/performance.md, *The default small networks*).
 DEFAULT_ARCH = "mobilenetv3_small_100"
 CHECKPOINT_NAME = "last.pt"
 SPLIT_NAME = "split.json"
