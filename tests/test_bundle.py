@@ -114,6 +114,31 @@ def test_invalid_json_and_fields(bundle_dir: Path) -> None:
         assert "\n" not in str(info.value)
 
 
+def test_input_representation_is_checked(bundle_dir: Path) -> None:
+    """``input_representation`` is one of the representations the stages support, checked on load."""
+    import typing
+
+    from pydantic import ValidationError
+
+    from wsi_screen import classify, localize
+    from wsi_screen.models.bundle import InputRepresentation
+
+    assert set(typing.get_args(InputRepresentation)) == set(localize.REPRESENTATIONS) | set(
+        classify.REPRESENTATIONS
+    )
+    for rep in typing.get_args(InputRepresentation):
+        assert _config(input_representation=rep).input_representation == rep
+    with pytest.raises(ValidationError, match="input_representation") as info:
+        _config(input_representation="rgb+depth")
+    assert "'rgb', 'od_gray' or 'rgb+mask'" in str(info.value)
+    cfg_path = bundle_dir / "bundle.json"
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"input_representation": "hsv"}))
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle_dir)
+    assert "invalid input_representation: Input should be 'rgb', 'od_gray' or 'rgb+mask'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_wrong_task_and_mismatched_architecture(bundle_dir: Path) -> None:
     with pytest.raises(BundleError, match="localization model is needed"):
         load_bundle(bundle_dir, task="localization")

@@ -540,7 +540,11 @@ def test_error_unmatched_diagnoses(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "do not match" in msg
     assert "3 diagnoses name no slide of the batch: 'x-1.svs', 'x-2.svs', 'x-3.svs'" in msg
     assert "2 slides have no diagnosis: 'n00', 'n01'" in msg
-    assert "--allow-unmatched" in msg
+    # The library names its parameter; the CLI adds the flag.
+    assert "allow_unmatched (--allow-unmatched) uses the matching slides only" in msg
+    with pytest.raises(CalibrationError, match="allow_unmatched uses the matching slides only") as info:
+        calibrate(out, diagnoses)
+    assert "--allow-unmatched" not in str(info.value)
     # --allow-unmatched calibrates on the rest.
     res = calibrate(out, diagnoses, allow_unmatched=True)
     assert res["n_slides"] == {"NILM": 30, "LSIL": 30, "HSIL": 30}
@@ -550,7 +554,8 @@ def test_error_too_few_slides(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out, diagnoses = write_minimal(tmp_path / "a", _rows(n_hsil=12))
     msg = _cli_error(["calibrate", str(out), "--diagnoses", str(diagnoses)], capsys)
     assert "too few HSIL+ slides to calibrate: 12 (HSIL 12), at least 29 needed" in msg
-    assert f"≥ {0.05 ** (1 / 12):.3f}" in msg and "--min-lower-bound" in msg
+    assert f"≥ {0.05 ** (1 / 12):.3f}" in msg
+    assert "(the target's min_lower_bound (--min-lower-bound) sets the bound asked for)" in msg
     # A weaker bound asks for fewer slides: 0.75 needs 11.
     code, _, _ = _cli(
         [
@@ -607,7 +612,7 @@ def test_error_unknown_label_and_conflicts(tmp_path: Path, capsys: pytest.Captur
     msg = _cli_error(
         ["calibrate", str(out), "--diagnoses", str(diagnoses), "--high-grade", "HSIL,CIN2"], capsys
     )
-    assert "'CIN2' is not an abnormal Bethesda diagnosis" in msg
+    assert "high_grade (--high-grade): 'CIN2' is not an abnormal Bethesda diagnosis" in msg
 
 
 def test_error_summary_without_models(tmp_path: Path) -> None:

@@ -104,3 +104,58 @@ def test_synth_then_tiles(tmp_path: Path) -> None:
     assert 0 < summary["grid"]["n_kept"] <= 9
     rows = (out / "tiles.csv").read_text().splitlines()
     assert len(rows) == 10
+
+
+def test_library_errors_get_the_commands_flag() -> None:
+    """Library messages name settings keys and parameters; the CLI adds the flag of the command."""
+    from wsi_screen.cli.main import _register, command_path
+    from wsi_screen.cli.options import COMMAND_FLAGS, flags_for, name_flags
+
+    _register()
+    assert command_path(["-q", "train", "classifier", "--data", "d", "train"]) == "train classifier"
+    assert command_path(["run", "run", "-o", "out"]) == "run"
+    assert command_path(["--debug", "calibrate", "out", "--diagnoses", "d.csv"]) == "calibrate"
+    assert command_path(["no-such-command"]) == ""
+    assert flags_for("no-such-command") == {}
+    run_flags = flags_for("run")
+    assert name_flags("preset lbc: invalid slide.mpp = 100: too large", run_flags) == (
+        "preset lbc: invalid slide.mpp (--mpp) = 100: too large"
+    )
+    # Quoted keys keep their quotes; only the first mention gets the flag; longer names are not keys.
+    assert name_flags("unknown setting 'slide.mpp'; slide.mpp again", run_flags) == (
+        "unknown setting 'slide.mpp' (--mpp); slide.mpp again"
+    )
+    for text in ("slide.mpp_x", "slide.mpp.y", "--slide.mpp", "my_slide.mpp", "a runtime.devices b"):
+        assert name_flags(text, run_flags) == text
+    # The crop commands' --mpp is the crops' µm/px: slide.mpp is --slide-mpp there.
+    assert name_flags("slide.mpp = 0", flags_for("train classifier")) == "slide.mpp (--slide-mpp) = 0"
+    # Every flag named is one the command has.
+    from wsi_screen.cli.main import cli
+
+    for path, flags in COMMAND_FLAGS.items():
+        command = cli
+        for word in path.split():
+            command = command.commands[word]  # type: ignore[attr-defined]
+        opts = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for flag in flags.values():
+            assert flag.split()[0] in opts, (path, flag)
+
+
+def test_device_error_names_setting_and_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from wsi_screen.cli.main import main
+    from wsi_screen.runtime import DeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"^runtime\.device = 'cuda': no CUDA GPU is available here"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match=r"^device = 'cuda:1': no CUDA GPU"):
+        resolve_device("cuda:1", setting="device")
+    with pytest.raises(SystemExit) as info:
+        main(["localize", str(tmp_path / "s.svs"), "-o", str(tmp_path / "out"), "--device", "cuda"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "wsi-screen: error: runtime.device (--device) = 'cuda': no CUDA GPU is available here" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,29 @@ def test_yaml_file_and_overrides_layer(tmp_path: Path) -> None:
     assert s.triage.confidence == 0.9  # override beats the file
     assert s.runtime.device == "cpu"
     assert s.classification.models == ["a", "b"]
+
+
+def test_old_runtime_seed_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``runtime.seed`` was removed (nothing read it); files and overrides that set it still load."""
+    old = tmp_path / "old.yaml"
+    old.write_text("runtime:\n  device: cpu\n  seed: 3\n")
+    with caplog.at_level(logging.WARNING, logger="wsi_screen.config"):
+        s = load_settings(config=old)
+    assert s.runtime.device == "cpu"
+    assert "seed" not in s.to_dict()["runtime"]
+    assert s.to_dict() == load_settings(overrides={"runtime.device": "cpu"}).to_dict()
+    assert any("runtime.seed is ignored" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wsi_screen.config"):
+        s = load_settings(overrides={"runtime.seed": 5})
+    assert "seed" not in s.to_dict()["runtime"]
+    assert any("will be refused" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wsi_screen.config"):
+        load_settings()
+    assert not caplog.records
+    with pytest.raises(ConfigError, match=r"unknown setting 'runtime\.sed'"):
+        load_settings(overrides={"runtime.sed": 5})
 
 
 @pytest.mark.parametrize(

@@ -464,7 +464,7 @@ def test_train_resumes_from_its_checkpoint(tmp_path: Path, capsys: pytest.Captur
     code, _, err = _main(
         [*args, "-o", str(tmp_path / "three"), "--epochs", "3", "--resume", "--seed", "5"], capsys
     )
-    assert code == 1 and "--resume: the checkpoint was trained with seed=0" in err
+    assert code == 1 and "resume (--resume): the checkpoint was trained with seed=0" in err
 
 
 @pytest.mark.slow
@@ -554,7 +554,7 @@ def test_evaluate_cli_writes_metrics_and_handles_absent_classes(
     (only / "LSIL").mkdir()
     (only / "LSIL" / "x.png").write_bytes(next((data / "HSIL").iterdir()).read_bytes())
     code, _, err = _main(["evaluate", "--model", str(bundle), "--data", str(only), "--mpp", "0.25"], capsys)
-    assert code == 1 and "does not predict" in err and "map them with --class-map" in err
+    assert code == 1 and "does not predict" in err and "map them with a class_map (--class-map)" in err
 
 
 def test_truth_as_qupath_export_round_trips(tmp_path: Path) -> None:

@@ -307,7 +307,7 @@ def load_calibration_batch(
         if not allow_unmatched:
             raise CalibrationError(
                 f"the diagnoses in {csv_path} do not match the slides of {out_dir}: {text} (the 'slide' "
-                "column holds a slide's file name or id; --allow-unmatched uses the matching slides only)"
+                "column holds a slide's file name or id; allow_unmatched uses the matching slides only)"
             )
         logger.warning("left out of the calibration: %s", text)
 
@@ -625,7 +625,7 @@ def _check_counts(slides: Sequence[CalibrationSlide], target: CalibrationTarget)
             )
         raise CalibrationError(
             f"too few {name} slides to calibrate: {have}, at least {need} needed: {why} "
-            "(--min-lower-bound sets the bound asked for)"
+            "(the target's min_lower_bound sets the bound asked for)"
         )
     return {"needed_per_group": need, "min_lower_bound": target.min_lower_bound}
 
@@ -788,7 +788,7 @@ def validate_operating_point(
         if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
             raise CalibrationError(
                 f"the slides of {batch.batch_dir} were scored with triage.{k} = {theirs!r}, the operating "
-                f"point uses {mine!r}: screen the batch with --config {preset}"
+                f"point uses {mine!r}: screen the batch with the settings in {preset}"
             )
     t = op.target
     target = CalibrationTarget(
@@ -1181,8 +1181,8 @@ def parse_high_grade(text: str) -> tuple[str, ...]:
             continue
         label = normalize_label(part)
         if label is None or label in ("NILM", UNSATISFACTORY_LABEL):
-            raise CalibrationError(f"--high-grade: {part!r} is not an abnormal Bethesda diagnosis")
+            raise CalibrationError(f"high_grade: {part!r} is not an abnormal Bethesda diagnosis")
         out.append(label)
     if not out:
-        raise CalibrationError("--high-grade needs at least one diagnosis")
+        raise CalibrationError("high_grade needs at least one diagnosis")
     return tuple(dict.fromkeys(out))

@@ -18,7 +18,8 @@
    or when there is no cell map.
 
 Coordinates are continuous map pixels: pixel ``i`` spans ``[i, i + 1)``, so a pixel's centre is at
-``i + 0.5``. Optical density is ``-log10(I / 255)`` averaged over the RGB channels (``I ≥ 1``).
+``i + 0.5``. Optical density is ``-log10(I / 255)`` averaged over the RGB channels (``I ≥ 1``;
+:func:`optical_density`, from :mod:`wsi_screen.optical_density`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from wsi_screen.cells import MORPHOMETRICS
+from wsi_screen.optical_density import optical_density
 
 __all__ = ["Candidates", "extract_candidates", "optical_density"]
 
@@ -63,14 +65,6 @@ class Candidates:
             morphometrics={k: np.zeros(0, np.float32) for k in MORPHOMETRICS},
             outlines=[],
         )
-
-
-def optical_density(rgb: NDArray[np.generic]) -> F32:
-    """Mean optical density over the channels, ``-log10(I / 255)`` with ``I`` clipped to ≥ 1."""
-    arr = np.asarray(rgb, dtype=np.float32)
-    od = -np.log10(np.clip(arr, 1.0, 255.0) / np.float32(255.0))
-    out: F32 = od.mean(axis=-1, dtype=np.float32) if arr.ndim == 3 else od
-    return out
 
 
 def _seeds_from_marker(marker: F32, threshold: float, min_distance_px: float) -> NDArray[np.int32]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,8 @@ __all__ = [
     "load_settings",
     "parse_override",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -418,15 +421,26 @@ class RuntimeSettings(_Section):
     """Where and how the models run."""
 
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    seed: int = 0
     torch_threads: int = Field(0, ge=0, description="0 = torch default")
     cpu_bf16: bool = Field(
         False,
         description=(
-            "bf16 autocast for the models on the CPU too (as on CUDA): 1.3–2.6× faster on CPUs with "
-            "AMX or AVX-512-BF16, slower elsewhere; results change slightly (docs/performance.md)"
+            "bf16 autocast for the models on the CPU too (as on CUDA): faster on CPUs with AMX or "
+            "AVX-512-BF16, slower elsewhere; results change slightly (figures in docs/performance.md)"
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_seed(cls, data: Any) -> Any:
+        """``runtime.seed``, a setting nothing read (removed), still loads from older files: ignored."""
+        if isinstance(data, Mapping) and "seed" in data:
+            logger.warning(
+                "setting runtime.seed is ignored (it never had an effect) and will be refused by a later "
+                "version; remove it from the configuration"
+            )
+            data = {k: v for k, v in data.items() if k != "seed"}
+        return data
 
 
 class Settings(_Section):

@@ -254,7 +254,7 @@ class DaskExecutor:
             if not able:
                 raise DistributedUnavailableError(
                     f"no Dask worker declares the resource {name}={amount:g}; start workers with "
-                    f"--resources '{name}={amount:g}', or pass --resource none"
+                    f"--resources '{name}={amount:g}', or ask for none: resources=None"
                 )
         try:
             versions = self.client.run(_package_version)

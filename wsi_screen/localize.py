@@ -17,8 +17,9 @@ training crop path (``wsi_screen.train.data``) settle every slide's cells with i
 
 Input representations (``bundle.input_representation``; :func:`model_input` is shared with training):
 
-- ``od_gray``: one channel, the optical density ``-log10(I / 255)`` averaged over R, G and B, computed
-  at the window's resolution and then averaged down to the model's;
+- ``od_gray``: one channel, the optical density ``-log10(I / 255)`` averaged over R, G and B
+  (:mod:`wsi_screen.optical_density`), computed at the window's resolution and then averaged down to
+  the model's;
 - ``rgb``: the three channels scaled to [0, 1], averaged down.
 
 Both are standardized with the bundle's ``mean`` / ``std``. Downsampling by a whole factor (0.25 →
@@ -43,6 +44,7 @@ from numpy.typing import NDArray
 from wsi_screen.candidates import Candidates, extract_candidates
 from wsi_screen.cells import MORPHOMETRICS
 from wsi_screen.errors import BundleError
+from wsi_screen.optical_density import optical_density_torch
 from wsi_screen.runtime import autocast_context
 
 if TYPE_CHECKING:
@@ -166,7 +168,7 @@ def model_input(
         if ph or pw:  # glass beyond the window: exact box averages, sizes a multiple of the stride
             x = F.pad(x, (0, pw, 0, ph), value=255)
     x = x.float()
-    od = -torch.log10(x.clamp(min=1.0) / 255.0).mean(dim=1, keepdim=True)
+    od = optical_density_torch(x)
     feats = od if representation == "od_gray" else x / 255.0
     both = torch.cat([feats, od], dim=1)
     if k is not None:
@@ -403,8 +405,9 @@ def resolve_candidate_path(requested: str, device: torch.device) -> Literal["cpu
     """``cpu`` or ``torch`` for ``localization.candidates`` on ``device``.
 
     ``auto``: the torch path on CUDA, where the maps stay on the device and a batch is extracted at
-    once (the CPU path held a GPU run to 30–42 tiles/s); the CPU path elsewhere, where it is faster
-    than the same torch code on the CPU (``docs/performance.md``, *Candidate extraction in torch*).
+    once (the CPU path held GPU runs far below the U-Net's speed); the CPU path elsewhere, where it is
+    faster than the same torch code on the CPU (figures in ``docs/performance.md``, *GPU* and
+    *Candidate extraction in torch*).
     """
     if requested == "auto":
         return "torch" if device.type == "cuda" else "cpu"

@@ -28,8 +28,12 @@ class DeviceError(WsiScreenError, RuntimeError):
     """The requested compute device is not available."""
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+def resolve_device(name: str = "auto", *, setting: str = "runtime.device") -> torch.device:
+    """``auto`` → CUDA, then MPS, then CPU; an explicit device that is absent is an error.
+
+    ``setting``: the key that gave ``name``, as the error names it (``device`` for the training and
+    evaluation functions' parameter).
+    """
     import torch
 
     name = name.lower()
@@ -42,12 +46,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+            raise DeviceError(f"{setting} = {name!r}: no CUDA GPU is available here; use 'cpu' or 'auto'")
         return torch.device(name)
     if name == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise DeviceError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+            raise DeviceError(f"{setting} = 'mps': Apple MPS is not available here; use 'cpu' or 'auto'")
         return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")

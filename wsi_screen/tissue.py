@@ -5,9 +5,11 @@ glass, pale cyanophilic cytoplasm is barely saturated, and an LBC monolayer cove
 the glass, so Otsu splits the glass itself. Instead we
 
 1. estimate the glass colour (the bright mode of the thumbnail) and its noise;
-2. compute per-pixel optical density relative to the glass, ``OD = -log10(I / I_glass)``, and keep
-   pixels whose strongest channel exceeds ``max(od_threshold, noise_factor × glass noise)`` — pale
-   cytoplasm is absorbing in at least one channel even when it is not saturated;
+2. compute per-pixel optical density relative to the glass, ``OD = -log10(I / I_glass)`` (not the
+   pipeline's ``-log10(I / 255)`` of :mod:`wsi_screen.optical_density`: a thumbnail's glass is rarely
+   at 255, and its colour cast must not count as density), and keep pixels whose strongest channel
+   exceeds ``max(od_threshold, noise_factor × glass noise)`` — pale cytoplasm is absorbing in at
+   least one channel even when it is not saturated;
 3. exclude ink and label: large blobs of very dark pixels (OD ≥ ``pen_od`` in their strongest
    channel: black, blue or green marker), with a margin, and large darkish regions (OD ≥
    ``label_od``) touching the thumbnail border (label edges, slide edges);

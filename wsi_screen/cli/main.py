@@ -2,7 +2,8 @@
 
 Every command imports its stage modules lazily, so ``wsi-screen --version`` and ``--help`` stay fast.
 Errors a user can cause (:class:`~wsi_screen.errors.WsiScreenError`, bad options) print one line on
-stderr and exit non-zero; ``--debug`` shows the traceback instead.
+stderr and exit non-zero; ``--debug`` shows the traceback instead. Library errors name settings keys
+and parameters; the line adds the command's flag for each (:func:`wsi_screen.cli.options.name_flags`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import click
 from wsi_screen import __version__
 from wsi_screen.errors import WsiScreenError
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "cli", "common_options", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "cli", "command_path", "common_options", "main"]
 
 EXIT_FAILED = 1  # the work could not be done (bad slide, missing model, ...)
 EXIT_USAGE = 2  # the command line itself is wrong (click's convention)
@@ -117,6 +118,24 @@ def _register() -> None:
     from wsi_screen.cli import commands  # noqa: F401  (registers the sub-commands)
 
 
+def command_path(args: Sequence[str]) -> str:
+    """The sub-command ``args`` invoke, as words after ``wsi-screen`` (``"train classifier"``).
+
+    The group's own options are flags without values (``-q``, ``-v``, ``--debug``), so the first words
+    that are not options name the command.
+    """
+    group: click.Command = cli
+    words: list[str] = []
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        if not isinstance(group, click.Group) or arg not in group.commands:
+            break
+        group = group.commands[arg]
+        words.append(arg)
+    return " ".join(words)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -138,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except WsiScreenError as exc:
         if debug:
             raise
-        click.echo(f"wsi-screen: error: {exc}", err=True)
+        from wsi_screen.cli.options import flags_for, name_flags
+
+        click.echo(f"wsi-screen: error: {name_flags(str(exc), flags_for(command_path(args)))}", err=True)
         sys.exit(EXIT_FAILED)
     except Exception as exc:
         if debug:

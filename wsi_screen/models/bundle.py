@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUNDLE_FORMAT",
     "BundleConfig",
+    "InputRepresentation",
     "ModelBundle",
     "load_bundle",
     "save_bundle",
@@ -41,6 +42,11 @@ __all__ = [
 BUNDLE_FORMAT = 1
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
+
+#: How tiles/crops become model input, every representation the code supports: ``rgb`` and ``od_gray``
+#: for localizers (:data:`wsi_screen.localize.REPRESENTATIONS`), ``rgb`` and ``rgb+mask`` for
+#: classifiers (:data:`wsi_screen.classify.REPRESENTATIONS`); each stage refuses the others.
+InputRepresentation = Literal["rgb", "od_gray", "rgb+mask"]
 
 
 class StainTarget(BaseModel):
@@ -70,8 +76,9 @@ class BundleConfig(BaseModel):
     architecture: str = Field(min_length=1, description="registered name or any timm model name")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     in_channels: int = Field(3, ge=1, le=16)
-    input_representation: str = Field(
-        "rgb", description="how tiles/crops become model input (rgb, od_gray, rgb+mask, ...)"
+    input_representation: InputRepresentation = Field(
+        "rgb",
+        description="how tiles/crops become model input: rgb, od_gray (localizers), rgb+mask (classifiers)",
     )
     input_size: int = Field(224, ge=8, le=8192, description="crop side (classifier) in px")
     mpp: float = Field(gt=0.02, lt=50.0, description="µm/px the model works at")

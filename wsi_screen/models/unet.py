@@ -23,7 +23,8 @@ from wsi_screen.models.registry import register_architecture
 
 __all__ = ["DEFAULT_DECODER_CHANNELS", "DEFAULT_ENCODER", "SmpUNet", "smp_unet"]
 
-#: A light timm encoder: ≈ 2.0 M parameters with the default decoder, ≈ 100 ms for 576² on 2 CPU cores.
+#: A light timm encoder: ≈ 2.0 M parameters with the default decoder, fast on a CPU (speed in
+#: docs/performance.md, *The default small networks*).
 DEFAULT_ENCODER = "tu-mobilenetv3_small_100"
 DEFAULT_DECODER_CHANNELS: tuple[int, ...] = (128, 64, 32, 16, 8)
 

@@ -75,7 +75,14 @@ class LabelledCell:
 
 
 def od(rgb: NDArray[Any]) -> F32:
-    """Optical density of 8-bit RGB (``-ln((v + 1) / 256)``)."""
+    """Optical density of 8-bit RGB for compositing, ``-ln((v + 1) / 256)`` (natural log).
+
+    Deliberately not the pipeline's density (:mod:`wsi_screen.optical_density`, ``-log10(v / 255)``
+    with ``v`` clipped to ≥ 1): pasting adds densities and converts back to 8 bits, so this one must
+    be exactly invertible on all 256 levels (:func:`rgb_from_od` returns every ``v``; clipping would
+    merge 0 and 1), and glass at 255 is exactly 0. Thresholds here (``FOREGROUND_OD``) are in its
+    natural-log units.
+    """
     out: F32 = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
     return out
 

@@ -65,8 +65,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: A small timm network that trains from scratch on a CPU (≈ 70 crops/s training, 360/s inference
-#: on 2 cores at 224 px).
+#: A small timm network that trains from scratch on a CPU in reasonable time (speed in
+#: docs/performance.md, *The default small networks*).
 DEFAULT_ARCH = "mobilenetv3_small_100"
 CHECKPOINT_NAME = "last.pt"
 SPLIT_NAME = "split.json"
@@ -161,7 +161,7 @@ def split_dataset(
     if n_groups < needed:
         raise DataError(
             f"the data has {n_groups} group(s) (slides/patients); a train/val/test split by group needs "
-            f"at least {needed} (add data, or lower --val-fraction / --test-fraction to 0)"
+            f"at least {needed} (add data, or lower val_fraction / test_fraction to 0)"
         )
     split = grouped_split(
         data.groups, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, labels=data.labels
@@ -174,7 +174,7 @@ def split_dataset(
                 if common:  # pragma: no cover - guaranteed by grouped_split
                     raise AssertionError(f"groups in both {a} and {b}: {sorted(common)[:3]}")
     if val_fraction > 0 and not len(out["val"]):
-        raise DataError("the validation split is empty: add more groups or lower --val-fraction")
+        raise DataError("the validation split is empty: add more groups or lower val_fraction")
     if not len(out["train"]):
         raise DataError("the training split is empty: add more groups")
     return out
@@ -292,7 +292,7 @@ def _load_init(model: nn.Module, bundle: ModelBundle, class_names: Sequence[str]
     bad = [k for k in missing if k not in head_names]
     if bad or unexpected:
         raise TrainingError(
-            f"--init {bundle.name}: weights do not fit the model "
+            f"init bundle {bundle.name!r}: weights do not fit the model "
             f"({len(bad)} missing, {len(unexpected)} unexpected)"
         )
     return "backbone (new head for the new classes)" + note
@@ -485,11 +485,11 @@ def train_classifier(
         for key in ("arch", "arch_kwargs", "seed", "val_fraction", "test_fraction", "init"):
             if saved_cfg.get(key) != cfg.to_dict().get(key):
                 raise TrainingError(
-                    f"--resume: the checkpoint was trained with {key}={saved_cfg.get(key)!r}, not "
-                    f"{cfg.to_dict().get(key)!r} (use the same options, or another --work-dir)"
+                    f"resume: the checkpoint was trained with {key}={saved_cfg.get(key)!r}, not "
+                    f"{cfg.to_dict().get(key)!r} (use the same options, or another work_dir)"
                 )
         if ckpt["data_fingerprint"] != data.fingerprint() or ckpt["class_names"] != names:
-            raise TrainingError("--resume: the data or the classes differ from the checkpoint's")
+            raise TrainingError("resume: the data or the classes differ from the checkpoint's")
         logger.info("resuming from %s (epoch %d done)", ckpt_path, int(ckpt["epoch"]))
     elif resume:
         logger.info("no checkpoint in %s; starting from scratch", work)
@@ -531,12 +531,13 @@ def train_classifier(
         arch_kwargs = dict(init_bundle.config.arch_kwargs)
         if arch_kwargs.get("deploy"):
             raise TrainingError(
-                f"--init {init_bundle.name}: a re-parameterized (deploy) RunicNet cannot be trained further"
+                f"init bundle {init_bundle.name!r}: a re-parameterized (deploy) RunicNet cannot be trained "
+                "further"
             )
     if init_bundle is not None and init_bundle.config.in_channels > data.channels:
         raise TrainingError(
-            f"--init {init_bundle.name} takes {init_bundle.config.input_representation} crops; the data is "
-            f"{data.representation} (add --mask-channel)"
+            f"init bundle {init_bundle.name!r} takes {init_bundle.config.input_representation} crops; the "
+            f"data is {data.representation} (cut the crops with mask_channel)"
         )
     model = create_model(arch, num_classes=len(names), in_chans=data.channels, **arch_kwargs)
     if init_bundle is not None and ckpt is None:
@@ -916,25 +917,25 @@ def evaluate_bundles(
     from wsi_screen.runtime import resolve_device
 
     loaded = [load_bundle(b, task="classification") for b in bundles]
-    dev = resolve_device(device)
+    dev = resolve_device(device, setting="device")
     clf = CellClassifier(loaded, device=dev, batch_size=batch_size)
     cfg = loaded[0].config
     if data.size != clf.input_size or not math.isclose(data.mpp, clf.mpp, rel_tol=1e-3):
         raise DataError(
             f"the crops are {data.size} px at {data.mpp} µm/px; {cfg.name} needs {clf.input_size} px at "
-            f"{clf.mpp} µm/px (prepare the data with --model-mpp/--input-size, or from the raw crops)"
+            f"{clf.mpp} µm/px (cut the crops at that target_mpp and size, or use the raw crops)"
         )
     if data.channels != clf.in_channels:
         raise DataError(
             f"the crops are {data.representation}; {cfg.name} takes {clf.input_representation} crops "
-            "(rgb+mask crops come from --annotations or --synthetic, cut with the localizer)"
+            "(rgb+mask crops come from annotations or synthetic slides, cut with the localizer)"
         )
     present = data.present_classes()
     unknown = [c for c in present if c not in clf.class_names]
     if unknown:
         raise DataError(
             f"the data has classes {unknown} that {cfg.name} does not predict "
-            f"({', '.join(clf.class_names)}); map them with --class-map"
+            f"({', '.join(clf.class_names)}); map them with a class_map"
         )
     probs_all = np.zeros((len(data), len(clf.class_names)), np.float32)
     for start in range(0, len(data), 1024):

@@ -47,7 +47,7 @@ def resolve_training_device(name: str | torch.device = "auto", *, threads: int =
     from wsi_screen.runtime import configure_torch, resolve_device
 
     configure_torch(threads=threads)
-    return name if isinstance(name, torch.device) else resolve_device(str(name))
+    return name if isinstance(name, torch.device) else resolve_device(str(name), setting="device")
 
 
 class Progress:

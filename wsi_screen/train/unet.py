@@ -39,6 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_screen.errors import WsiScreenError
+from wsi_screen.optical_density import transmittance_od_torch
 from wsi_screen.train.common import Progress, Stopwatch, resolve_training_device, seed_everything
 
 if TYPE_CHECKING:
@@ -796,7 +797,7 @@ class _Batcher:
             per = torch.from_numpy(
                 np.exp(rng.normal(0.0, r.od_gain / 2, size=(1, 3, 1, 1))).astype(np.float32)
             )
-            od = -torch.log10(x.clamp(min=1.0 / 255.0))
+            od = transmittance_od_torch(x)
             od = (od * gain * per + offset).clamp(min=0.0)
             x = torch.pow(10.0, -od)
         else:
