@@ -595,3 +595,15 @@ def test_resource_parsing() -> None:
     for bad in ("=1", "GPU=0", "GPU=x", "a b=1"):
         with pytest.raises(WsiScreenError):
             parse_resource(bad)
+
+
+def test_results_recorded_with_the_removed_seed_setting_still_resume() -> None:
+    """``runtime.seed`` (removed in issue 17) in an older run.json does not change its config hash."""
+    from wsi_screen.batch import config_hash
+    from wsi_screen.config import load_settings
+
+    now = load_settings().to_dict()
+    older = {**now, "runtime": {**now["runtime"], "seed": 0}}
+    assert config_hash(older) == config_hash(now)
+    other = {**now, "triage": {**now["triage"], "min_focus": now["triage"]["min_focus"] + 0.01}}
+    assert config_hash(other) != config_hash(now)

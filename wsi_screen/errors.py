@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CorruptSlideError",
     "CorruptTileError",
+    "DataError",
     "MissingMppError",
     "SlideNotFoundError",
     "SlideTooLargeError",
@@ -71,3 +72,7 @@ def one_line(exc: BaseException, *, limit: int = 200) -> str:
     """The message of ``exc`` on one line (its type name if empty), cut to ``limit`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class DataError(WsiScreenError, ValueError):
+    """A training or evaluation data set (crops, annotation files) cannot be read (one-line message)."""

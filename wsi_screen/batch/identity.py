@@ -36,6 +36,7 @@ RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "localization.batch_size",
     "localization.candidate_workers",
     "classification.batch_size",
+    "runtime.seed",  # removed (issue 17; nothing read it): results recorded with it still resume
 )
 
 
