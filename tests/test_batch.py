@@ -377,7 +377,7 @@ def test_batch_bad_slides_reported_and_resume(
         "corrupt.svs": "failed",
         "mirax.mrxs": "failed",
     }
-    assert "--mpp" in status["no-mpp.tiff"].error
+    assert "slide.mpp" in status["no-mpp.tiff"].error
     assert "truncated" in status["truncated.tiff"].error
     assert "not a whole-slide image" in status["corrupt.svs"].error
     assert all("\n" not in o.error for o in report.outcomes)

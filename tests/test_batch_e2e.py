@@ -142,7 +142,7 @@ def test_batch_reports_every_slide(scans: Path, reference: Path) -> None:
     assert all(table[n]["status"] == "failed" for n in errors)
     assert "truncated" in errors["e-truncated.tiff"]
     assert "not a whole-slide image" in errors["f-corrupt.svs"]
-    assert "--mpp" in errors["g-no-mpp.tiff"]
+    assert "slide.mpp" in errors["g-no-mpp.tiff"]
     assert errors["h-mirax.mrxs"]
     ranks = [int(table[n]["rank"]) for n in table]
     assert sorted(ranks) == list(range(1, len(table) + 1))

@@ -47,7 +47,7 @@ def _load(root: Path, **kw: object) -> object:
 def _assert_names_masks(message: str) -> None:
     assert "\n" not in message
     assert "folder 'masks'" in message and "unknown class 'masks'" in message
-    assert "--ignore masks" in message and "masks: null" in message
+    assert "add masks to ignore" in message and "masks: null" in message
 
 
 def test_unknown_folder_error_names_it_and_both_ways_to_skip(crops_with_masks: Path) -> None:

@@ -73,10 +73,10 @@ def test_require_mpp_false_opens_an_implausible_slide(shared_slides: Path) -> No
         assert info.mpp_status == "implausible" and not info.mpp_plausible
         assert info.mpp_x == pytest.approx(352.78, abs=0.01) and info.mpp_source == "metadata"
         assert info.level_count == 4 and info.dimensions == (300, 250)
-        assert info.mpp_problem is not None and "--mpp" in info.mpp_problem
+        assert info.mpp_problem is not None and "slide.mpp" in info.mpp_problem
         # Whatever needs the µm/px still refuses, naming the value.
         for get in (lambda: s.mpp, lambda: info.size_um, lambda: s.read_region((0, 0), (8, 8), mpp=0.5)):
-            with pytest.raises(MissingMppError, match=r"352\.8 µm/px.*--mpp"):
+            with pytest.raises(MissingMppError, match=r"352\.8 µm/px.*slide\.mpp"):
                 get()
         with s.reopen() as again:
             assert again.info.mpp_status == "implausible"

@@ -116,7 +116,7 @@ def test_crop_folders_cannot_make_the_mask_channel(tmp_path: Path) -> None:
         collect_crops(data=[tmp_path], mpp=0.25, mask_channel=True, progress=False)
     rgb = collect_crops(data=[tmp_path], mpp=0.25, size=64, progress=False)
     saved = rgb.save(tmp_path.parent / "saved-rgb")
-    with pytest.raises(DataError, match="--mask-channel needs rgb\\+mask crops"):
+    with pytest.raises(DataError, match="mask_channel needs rgb\\+mask crops"):
         collect_crops(data=[saved], size=64, mask_channel=True, progress=False)
 
 

@@ -77,7 +77,7 @@ def test_broken_files_raise_the_right_error(shared_slides: Path, name: str, back
     assert "\n" not in message
     assert name in message
     if expected is MissingMppError:
-        assert "--mpp" in message
+        assert "slide.mpp" in message
 
 
 def test_mpp_override_opens_slide_without_usable_mpp(shared_slides: Path) -> None:
@@ -211,5 +211,5 @@ def test_too_large_dimensions_refused(gradient_pyramid: Path) -> None:
 
 
 def test_implausible_mpp_override_refused(gradient_pyramid: Path) -> None:
-    with pytest.raises(MissingMppError, match="--mpp"):
+    with pytest.raises(MissingMppError, match=r"slide\.mpp"):
         open_slide(gradient_pyramid, mpp=0.0001)

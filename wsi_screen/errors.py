@@ -49,7 +49,7 @@ class SlideTooLargeError(WsiScreenError, ValueError):
 
 
 class MissingMppError(WsiScreenError, ValueError):
-    """The slide has no usable µm/px metadata; the user must pass ``--mpp``."""
+    """The slide has no usable µm/px metadata; the user must set ``slide.mpp``."""
 
 
 class ConfigError(WsiScreenError, ValueError):

@@ -220,7 +220,7 @@ def _open_openslide(path: Path) -> _Handle:
         _check_tiff_integrity(path)
         hint = ""
         if _tiff_header(path) is not None:
-            hint = "; a flat (untiled) TIFF can be read with --backend tiffslide"
+            hint = "; a flat (untiled) TIFF can be read with slide.backend tiffslide"
         raise UnsupportedSlideError(f"{path.name} is not a whole-slide image OpenSlide can read{hint}")
     try:
         return cast(_Handle, openslide.OpenSlide(str(path)))
@@ -240,7 +240,7 @@ def _open_tiffslide(path: Path) -> _Handle:
     if _tiff_header(path) is None:
         raise UnsupportedSlideError(
             f"{path.name} is not a TIFF file, and tiffslide reads only TIFF-based slides; "
-            "use --backend openslide (DICOM, MIRAX, ...)"
+            "use slide.backend openslide (DICOM, MIRAX, ...)"
         )
     _check_tiff_integrity(path)
     try:
@@ -590,7 +590,7 @@ class Slide:
             )
         if mpp is not None and not (MPP_PLAUSIBLE_RANGE[0] <= mpp <= MPP_PLAUSIBLE_RANGE[1]):
             raise MissingMppError(
-                f"--mpp {mpp} is not a plausible pixel size; give µm per pixel, e.g. --mpp 0.25 (40×)"
+                f"slide.mpp = {mpp} is not a plausible pixel size; give µm per pixel, e.g. 0.25 (40×)"
             )
         self._requested_path = Path(path)
         self.path = resolve_slide_path(path)
@@ -703,15 +703,15 @@ class Slide:
             mpp_x = mpp_y = None
             status = "missing"
             problem = (
-                f"{self.path.name} has no µm/px metadata; pass --mpp with the scan's pixel size "
-                "(e.g. --mpp 0.25 for 40×, --mpp 0.5 for 20×)"
+                f"{self.path.name} has no µm/px metadata; set slide.mpp to the scan's pixel size "
+                "(e.g. 0.25 for 40×, 0.5 for 20×)"
             )
         elif not all(MPP_PLAUSIBLE_RANGE[0] <= m <= MPP_PLAUSIBLE_RANGE[1] for m in (mpp_x, mpp_y)):
             bad = mpp_x if not MPP_PLAUSIBLE_RANGE[0] <= mpp_x <= MPP_PLAUSIBLE_RANGE[1] else mpp_y
             status = "implausible"
             problem = (
                 f"{self.path.name} states {bad:.4g} µm/px, which no microscope scan has (often a "
-                "TIFF default resolution); pass --mpp with the scan's real pixel size"
+                "TIFF default resolution); set slide.mpp to the scan's real pixel size"
             )
         if problem is not None and self._require_mpp:
             raise MissingMppError(problem)
@@ -1075,7 +1075,7 @@ def open_slide(
     Args:
         path: slide file (or a DICOM series folder).
         backend: ``"openslide"`` (default; every vendor format, DICOM) or ``"tiffslide"``.
-        mpp: µm/px to use instead of the metadata (``--mpp``).
+        mpp: µm/px to use instead of the metadata (``slide.mpp``).
         max_dimension: refuse slides whose level-0 side is larger (corrupt metadata).
         require_mpp: refuse a slide whose metadata has no plausible µm/px (and no ``mpp`` is given).
             False (``wsi-screen inspect``) opens it anyway: :attr:`SlideInfo.mpp_status` says what is

@@ -46,6 +46,10 @@ _CROP_FLAGS: dict[str, str] = {
     "class_map": "--class-map",
     "annotations": "--annotations",
     "synthetic": "--synthetic",
+    "data": "--data",
+    "mpp": "--mpp",
+    "slides_dir": "--slides",
+    "ignore": "--ignore",
 }
 #: Per command (its path after ``wsi-screen``): the key → flag pairs :func:`name_flags` applies.
 COMMAND_FLAGS: dict[str, dict[str, str]] = {

@@ -38,6 +38,7 @@ def inspect(
     the value marked; `run` and `tiles` refuse it unless given --mpp.
     """
     configure_from_context(ctx)
+    from wsi_screen.cli.options import flags_for, name_flags
     from wsi_screen.slide import open_slide
 
     with open_slide(
@@ -50,6 +51,8 @@ def inspect(
         if as_json:
             data = info.to_dict(with_properties=properties)
             data["fingerprint"] = s.fingerprint()
+            if data.get("mpp_problem"):
+                data["mpp_problem"] = name_flags(str(data["mpp_problem"]), flags_for("inspect"))
             click.echo(json.dumps(data, indent=2))
             return
         w, h = info.dimensions

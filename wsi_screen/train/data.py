@@ -229,7 +229,7 @@ class _ClassResolver:
             if target not in allowed:
                 raise DataError(
                     f"{where}: unknown class {name!r}; expected one of {', '.join(allowed)} "
-                    f"(map other names with --class-map){hint}"
+                    f"(map other names with a class_map){hint}"
                 )
         if target is not None and self.classes is not None and target not in self.classes:
             raise DataError(f"{where}: class {name!r} maps to {target!r}, which is not in {self.classes}")
@@ -338,7 +338,7 @@ class CropSet:
             if s.channels != ch:
                 raise DataError(
                     f"crop sets differ in channels ({ch} and {s.channels}): mix only sources with the "
-                    "same representation (--mask-channel needs --annotations or --synthetic)"
+                    "same representation (mask_channel needs annotations or synthetic slides)"
                 )
         names = order_classes(c for s in sets for c in s.class_names)
         parts = [s.with_classes(names) for s in sets]
@@ -693,7 +693,7 @@ def load_crop_folder(
             sub-folder names must be class names (``classes``, default the five Bethesda classes). A
             sub-folder mapped to None (``null`` in a file) is skipped.
         classes: the allowed bundle classes (None: any mapped class).
-        ignore: glob patterns of folders to skip (``--ignore``, e.g. ``masks``), matched without regard
+        ignore: glob patterns of folders to skip (e.g. ``masks``), matched without regard
             to case against the name of every folder under ``root`` (class folders and the folders
             inside them).
         target_mpp, size: the bundle's µm/px and input size.
@@ -706,7 +706,7 @@ def load_crop_folder(
     if not base.is_dir():
         raise DataError(f"crop folder not found: {base}")
     if mpp is None or mpp <= 0:
-        raise DataError(f"{base}: give the crops' µm/px (--mpp, e.g. 0.201 for Herlev)")
+        raise DataError(f"{base}: give the crops' µm/px (mpp, e.g. 0.201 for Herlev)")
     cmap = load_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
     resolve = _ClassResolver(cmap, classes)
     manifest = _read_manifest(base)
@@ -734,7 +734,7 @@ def load_crop_folder(
         target = resolve(
             sub.name,
             where=f"{base}: folder {sub.name!r}",
-            hint=f"; to skip the folder, pass --ignore {quoted} or map it to null in a --class-map "
+            hint=f"; to skip the folder, add {quoted} to ignore or map it to null in a class_map "
             f"file ({sub.name}: null)",
         )
         if target is None:
@@ -830,7 +830,7 @@ def load_crops(
             )
         return cs
     if mpp is None:
-        raise DataError(f"{path}: give the crops' µm/px with --mpp (e.g. 0.201 for Herlev)")
+        raise DataError(f"{path}: give the crops' µm/px as mpp (e.g. 0.201 for Herlev)")
     return load_crop_folder(
         path,
         mpp=mpp,
@@ -1018,7 +1018,7 @@ def crops_from_annotations(
             ``-``, ``_`` and spaces are ignored).
         stain_target: Reinhard target (None: :data:`wsi_screen.stain.DEFAULT_TARGET`).
         settings: pipeline settings (tissue, tiling, stain, reading); default preset when None.
-        slide_mpp: level-0 µm/px for slides without it (``--slide-mpp``).
+        slide_mpp: level-0 µm/px for slides without it.
         localizer: when given, the crops carry the nucleus-mask channel (``rgb+mask`` bundles).
     """
     from wsi_screen.stain import DEFAULT_TARGET
@@ -1466,8 +1466,8 @@ def collect_crops(
     for d in data:
         if mask_channel and not CropSet.is_cropset(d):
             raise DataError(
-                f"{d}: a crop folder has no nucleus mask; --mask-channel needs --annotations with "
-                "--slides, --synthetic N, or a crop set saved with --mask-channel"
+                f"{d}: a crop folder has no nucleus mask; mask_channel needs annotations with "
+                "slides_dir, synthetic slides, or a crop set saved with mask_channel"
             )
         part = load_crops(
             d,
@@ -1484,7 +1484,7 @@ def collect_crops(
         if part.channels != want:
             raise DataError(
                 f"{d}: the crop set is {part.representation} ({part.channels} channels); "
-                + ("drop --mask-channel" if part.channels == 4 else "--mask-channel needs rgb+mask crops")
+                + ("drop mask_channel" if part.channels == 4 else "mask_channel needs rgb+mask crops")
                 + " or save the crops again"
             )
         parts.append(part)
@@ -1498,12 +1498,14 @@ def collect_crops(
             from wsi_screen.runtime import resolve_device
 
             bundle = load_bundle(s.localization.model, task="localization")
-            loaded.append(Localizer(bundle, settings=s.localization, device=resolve_device(device)))
+            loaded.append(
+                Localizer(bundle, settings=s.localization, device=resolve_device(device, setting="device"))
+            )
         return loaded[0]
 
     if annotations:
         if slides_dir is None:
-            raise DataError("--annotations needs --slides (the folder with the annotated slides)")
+            raise DataError("annotations needs slides_dir (the folder with the annotated slides)")
         parts.append(
             crops_from_annotations(
                 list(annotations),
@@ -1537,7 +1539,7 @@ def collect_crops(
             )
         )
     if not parts:
-        raise DataError("no training data: give --data, --annotations with --slides, or --synthetic N")
+        raise DataError("no training data: give data, annotations with slides_dir, or synthetic slides")
     if len(parts) == 1:
         return parts[0]
     return CropSet.concat(parts, info={"source": "mixed", "parts": [p.info for p in parts]})
