@@ -60,7 +60,9 @@ def test_screen_returns_the_cells_and_writes_nothing(
     result = wsi_screen.screen(slide)
 
     assert _tree(slide.parent) == before
-    assert _tree(tmpdir) == [] and _tree(work) == []
+    # torch's own (empty) compile-cache folder, made when timm first imports torch._dynamo, is not ours
+    assert [p for p in _tree(tmpdir) if not p.startswith("torchinductor_")] == []
+    assert _tree(work) == []
     assert result.out_dir is None
     assert len(result.cells) == result.summary["n_cells"] > 0
     assert result.summary["triage"] == result.triage
