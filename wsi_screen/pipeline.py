@@ -64,6 +64,7 @@ __all__ = [
     "SlideStain",
     "TileProcessor",
     "assemble_batch",
+    "cell_regions_and_grid",
     "estimate_source",
     "estimate_source_stats",
     "load_models",
@@ -122,6 +123,26 @@ class PreparedSlide:
         }
 
 
+def cell_regions_and_grid(
+    slide: Slide, settings: Settings, *, grid_mpp: float
+) -> tuple[CellRegions, TileGrid]:
+    """The slide's cell regions (``tissue``) and its tile grid at ``grid_mpp`` over them (``tiling``)."""
+    from wsi_screen.tissue import slide_cell_regions
+
+    regions = slide_cell_regions(slide, settings.tissue)
+    grid = make_grid(
+        slide.dimensions,
+        slide_mpp=slide.mpp,
+        mpp=grid_mpp,
+        tile_size=settings.tiling.tile_size_px,
+        halo_um=settings.tiling.halo_um,
+        mask=regions.mask,
+        mask_mpp=regions.mpp,
+        min_tissue_fraction=settings.tiling.min_tissue_fraction,
+    )
+    return regions, grid
+
+
 def prepare_slide(
     slide: Slide,
     settings: Settings,
@@ -138,21 +159,9 @@ def prepare_slide(
     ``fingerprint``: the slide's, when already computed (:meth:`Slide.fingerprint`); ``timings``:
     when given, gets ``cell_regions`` and ``stain_stats`` (seconds).
     """
-    from wsi_screen.tissue import slide_cell_regions
-
     fingerprint = fingerprint or slide.fingerprint()
     t0 = time.perf_counter()
-    regions = slide_cell_regions(slide, settings.tissue)
-    grid = make_grid(
-        slide.dimensions,
-        slide_mpp=slide.mpp,
-        mpp=grid_mpp,
-        tile_size=settings.tiling.tile_size_px,
-        halo_um=settings.tiling.halo_um,
-        mask=regions.mask,
-        mask_mpp=regions.mpp,
-        min_tissue_fraction=settings.tiling.min_tissue_fraction,
-    )
+    regions, grid = cell_regions_and_grid(slide, settings, grid_mpp=grid_mpp)
     t1 = time.perf_counter()
     stain = slide_stain(
         slide, grid, settings=settings.stain, target=target, localizer_target=localizer_target

@@ -92,12 +92,11 @@ def localize(
     from wsi_screen.cells import MORPHOMETRICS
     from wsi_screen.localize import Localizer
     from wsi_screen.models.bundle import load_bundle
+    from wsi_screen.pipeline import cell_regions_and_grid
     from wsi_screen.runtime import configure_torch, resolve_device
     from wsi_screen.slide import open_slide
     from wsi_screen.slide_stain import estimate_source_stats
     from wsi_screen.stain import reinhard
-    from wsi_screen.tiling import make_grid
-    from wsi_screen.tissue import slide_cell_regions
 
     box = _parse_region(region)
     settings = settings_from_options(
@@ -119,17 +118,7 @@ def localize(
     timings: dict[str, float] = {"read": 0.0, "normalize": 0.0, "localize": 0.0}
     rows: list[dict[str, Any]] = []
     with open_slide(slide, backend=settings.slide.backend, mpp=settings.slide.mpp) as s:
-        regions = slide_cell_regions(s, settings.tissue)
-        grid = make_grid(
-            s.dimensions,
-            slide_mpp=s.mpp,
-            mpp=window_mpp,
-            tile_size=settings.tiling.tile_size_px,
-            halo_um=settings.tiling.halo_um,
-            mask=regions.mask,
-            mask_mpp=regions.mpp,
-            min_tissue_fraction=settings.tiling.min_tissue_fraction,
-        )
+        _, grid = cell_regions_and_grid(s, settings, grid_mpp=window_mpp)
         tiles = list(grid.tiles(kept_only=box is None))
         if box is not None:
             x, y, w, h = box

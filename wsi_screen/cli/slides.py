@@ -136,25 +136,15 @@ def tiles(
     import numpy as np
     from PIL import Image
 
+    from wsi_screen.pipeline import cell_regions_and_grid
     from wsi_screen.slide import open_slide
-    from wsi_screen.tiling import make_grid
-    from wsi_screen.tissue import qc_thumbnail_png, slide_cell_regions
+    from wsi_screen.tissue import qc_thumbnail_png
 
     settings = settings_from_options(
         preset, config_path, overrides, {"slide.backend": backend, "slide.mpp": mpp}
     )
     with open_slide(slide, backend=settings.slide.backend, mpp=settings.slide.mpp) as s:
-        regions = slide_cell_regions(s, settings.tissue)
-        grid = make_grid(
-            s.dimensions,
-            slide_mpp=s.mpp,
-            mpp=target_mpp,
-            tile_size=settings.tiling.tile_size_px,
-            halo_um=settings.tiling.halo_um,
-            mask=regions.mask,
-            mask_mpp=regions.mpp,
-            min_tissue_fraction=settings.tiling.min_tissue_fraction,
-        )
+        regions, grid = cell_regions_and_grid(s, settings, grid_mpp=target_mpp)
     out_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray((regions.mask * np.uint8(255)).astype(np.uint8)).save(out_dir / "mask.png")
     (out_dir / "qc.png").write_bytes(qc_thumbnail_png(regions))
