@@ -451,7 +451,7 @@ def bench_stages(
 
     from wsi_screen.cells import CellTable
     from wsi_screen.classify import cut_crops
-    from wsi_screen.device_stage import TileProcessor, owned_table
+    from wsi_screen.device_stage import TileProcessor
     from wsi_screen.slide import open_slide
     from wsi_screen.slide_stain import estimate_source_stats
     from wsi_screen.stain import ReinhardStats
@@ -544,7 +544,7 @@ def bench_stages(
         for i, (tile, c) in enumerate(zip(sample, cands, strict=True)):
             lx, ly = tile.to_level0(c.x, c.y)
             own = np.flatnonzero(tile.owns(lx, ly))
-            tables.append(owned_table(tile, c, own, lx, ly))
+            tables.append(c.subset(own).to_level0(tile))
             ti.append(np.full(len(own), i, np.int64))
             cx.append(np.floor(np.asarray(c.x)[own]).astype(np.int64))
             cy.append(np.floor(np.asarray(c.y)[own]).astype(np.int64))

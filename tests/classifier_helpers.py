@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from wsi_screen.cells import MORPHOMETRICS
-from wsi_screen.localize import TileCandidates
+from wsi_screen.cells import MORPHOMETRICS, CellTable
 from wsi_screen.synth import CellSpec, synthesize_slide
 
 #: Seven cells of several kinds, well apart, on a 1800² px synthetic slide (``write_small_slide``).
@@ -44,19 +43,19 @@ class ThresholdLocalizer:
         self.device = torch.device(device)
         self.bundle: Any = None
 
-    def localize(self, windows: torch.Tensor, *, window_mpp: float, halo_px: int) -> list[TileCandidates]:
+    def localize(self, windows: torch.Tensor, *, window_mpp: float, halo_px: int) -> list[CellTable]:
         out = []
         for w in windows.cpu().numpy():
             od = -np.log10(np.clip(w.astype(np.float32), 1.0, None) / 255.0).mean(axis=2)
             labels, n = ndi.label(od > self.od)
             if n == 0:
-                out.append(TileCandidates.empty())
+                out.append(CellTable.empty(frame="window"))
                 continue
             idx = np.arange(1, n + 1)
             area = ndi.sum_labels(np.ones_like(od), labels, idx)
             keep = idx[area >= self.min_area_px]
             if not len(keep):
-                out.append(TileCandidates.empty())
+                out.append(CellTable.empty(frame="window"))
                 continue
             com = np.array(ndi.center_of_mass(np.ones_like(od), labels, keep)).reshape(-1, 2)
             x, y = com[:, 1] + 0.5, com[:, 0] + 0.5
@@ -66,12 +65,13 @@ class ThresholdLocalizer:
                 for xi, yi in zip(x, y, strict=True)
             ]
             out.append(
-                TileCandidates(
+                CellTable.from_rows(
                     x=x.astype(np.float64),
                     y=y.astype(np.float64),
                     detection_score=np.ones(k, np.float32),
                     morphometrics={m: np.zeros(k, np.float32) for m in MORPHOMETRICS},
                     outlines=outlines,
+                    frame="window",
                 )
             )
         return out

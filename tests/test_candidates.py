@@ -96,7 +96,8 @@ def test_outline_polygon_matches_mask() -> None:
     r = np.hypot((poly[:, 0] - 80) / 24, (poly[:, 1] - 70) / 12)
     assert np.all(np.abs(r - 1.0) < 1.0 / 12 + 0.05)
     assert float(c.morphometrics["nucleus_eccentricity"][0]) == pytest.approx(math.sqrt(1 - 0.25), abs=0.03)
-    assert c.labels is not None and int(c.labels.max()) == 1 and int((c.labels > 0).sum()) == int(mask.sum())
+    lab = c.label_image
+    assert lab is not None and int(lab.max()) == 1 and int((lab > 0).sum()) == int(mask.sum())
 
 
 def test_optical_density_and_hyperchromasia() -> None:

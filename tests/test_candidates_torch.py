@@ -187,7 +187,7 @@ def test_columns_coordinates_and_simple_shapes() -> None:
     got = _torch_one(m, keep_labels=True)
     assert len(got) == len(want) == 3 and tuple(got.morphometrics) == MORPHOMETRICS
     assert got.x.dtype == np.float64 and all(v.dtype == np.float32 for v in got.morphometrics.values())
-    np.testing.assert_array_equal(got.labels, want.labels)  # the same split, the same numbering
+    np.testing.assert_array_equal(got.label_image, want.label_image)  # the same split, the same numbering
     np.testing.assert_allclose(got.x, want.x, rtol=0, atol=1e-9)
     np.testing.assert_allclose(got.y, want.y, rtol=0, atol=1e-9)
     np.testing.assert_allclose(got.detection_score, want.detection_score, rtol=1e-6)

@@ -29,7 +29,6 @@ from wsi_screen.config import LocalizationSettings
 from wsi_screen.localize import (
     CoverageResolver,
     Localizer,
-    TileCandidates,
     localize_region,
 )
 from wsi_screen.models import load_bundle
@@ -121,7 +120,7 @@ def test_boundary_shifted_coverage(slide_path: Path, localizer: Localizer) -> No
     tables: list[CellTable] = []
     for tile, c in zip(tiles, cands, strict=True):
         lx, _ = tile.to_level0(c.x, c.y)
-        level0 = c.transformed(scale=tile.scale, offset_x=tile.read_x, offset_y=tile.read_y)
+        level0 = c.transformed(scale=tile.scale, offset_x=tile.read_x, offset_y=tile.read_y, frame="level0")
         np.testing.assert_allclose(level0.x, lx)
         tables.append(
             CellTable.from_rows(
@@ -149,7 +148,7 @@ def test_boundary_shifted_coverage(slide_path: Path, localizer: Localizer) -> No
     a, b = results
     key_a = sorted(zip(a.x.round(6).tolist(), a.y.round(6).tolist(), strict=True))
     assert key_a == sorted(zip(b.x.round(6).tolist(), b.y.round(6).tolist(), strict=True))  # order-free
-    tiled = TileCandidates(
+    tiled = CellTable.from_rows(
         x=a.x,
         y=a.y,
         detection_score=a.detection_score,
@@ -158,7 +157,7 @@ def test_boundary_shifted_coverage(slide_path: Path, localizer: Localizer) -> No
     )
     truth_xy, radii = _truth()
 
-    def near(c: TileCandidates | CellTable, k: int) -> int:
+    def near(c: CellTable, k: int) -> int:
         return int((np.hypot(c.x - truth_xy[k, 0], c.y - truth_xy[k, 1]) <= radii[k]).sum())
 
     for k, (x, y, kind, _) in enumerate(PLACEMENTS):

@@ -145,27 +145,26 @@ def test_shared_file_handle_is_closed_with_the_last_slide(jpeg_slide: Path) -> N
         os.fstat(direct._fd)
 
 
-def test_owned_table_matches_per_cell_mapping() -> None:
+def test_to_level0_matches_per_cell_mapping() -> None:
     from wsi_screen.cells import MORPHOMETRICS
-    from wsi_screen.device_stage import owned_table
-    from wsi_screen.localize import TileCandidates
 
     grid = make_grid((5000, 5000), slide_mpp=0.25, mpp=0.5, tile_size=512, halo_um=32.0)
     tile = grid.tile(1, 2)
     rng = np.random.default_rng(0)
     n = 40
     outlines = [rng.uniform(0, 640, (int(rng.integers(3, 20)), 2)).astype(np.float32) for _ in range(n)]
-    c = TileCandidates(
+    c = CellTable.from_rows(
         x=rng.uniform(0, grid.read_size, n),
         y=rng.uniform(0, grid.read_size, n),
         detection_score=rng.uniform(0, 1, n).astype(np.float32),
         morphometrics={k: rng.uniform(0, 9, n).astype(np.float32) for k in MORPHOMETRICS},
         outlines=outlines,
+        frame="window",
     )
     lx, ly = tile.to_level0(c.x, c.y)
     own = np.flatnonzero(tile.owns(lx, ly))
     assert 0 < len(own) < n
-    got = owned_table(tile, c, own, lx, ly)
+    got = c.subset(own).to_level0(tile)
     polys = []
     for i in own:
         poly = np.asarray(c.outlines[i], np.float64)
@@ -183,7 +182,7 @@ def test_owned_table_matches_per_cell_mapping() -> None:
         np.testing.assert_array_equal(got.columns()[name], col, err_msg=name)
     np.testing.assert_array_equal(got.outline_offsets, ref.outline_offsets)
     np.testing.assert_array_equal(got.outline_xy, ref.outline_xy)
-    empty = owned_table(tile, c, own[:0], lx, ly)
+    empty = c.subset(own[:0]).to_level0(tile)
     assert len(empty) == 0 and empty.outline_xy.shape == (0, 2)
 
 

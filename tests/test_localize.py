@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from wsi_screen.cells import CellTable
 from wsi_screen.config import LocalizationSettings
 from wsi_screen.errors import BundleError
-from wsi_screen.localize import Localizer, TileCandidates, localize_region, model_input
+from wsi_screen.localize import Localizer, localize_region, model_input
 from wsi_screen.models import BundleConfig, create_model, load_bundle, save_bundle
 from wsi_screen.stain import DEFAULT_TARGET
 
@@ -94,7 +95,7 @@ def test_localize_returns_window_coordinates(localizer: Localizer) -> None:
     size, halo = 512, 128  # core 256 px at 0.25 µm/px; context 24 µm = 96 px → 32 px trimmed per side
     centres = [(256.0, 256.0), (130.0, 300.0), (384.0, 128.0), (60.0, 60.0), (20.0, 256.0)]
     cands = localizer.localize(_windows(centres, size, 14.0, batch=2), window_mpp=0.25, halo_px=halo)
-    assert len(cands) == 2 and all(isinstance(c, TileCandidates) for c in cands)
+    assert len(cands) == 2 and all(isinstance(c, CellTable) and c.frame == "window" for c in cands)
     c = cands[0]
     got = sorted(zip(c.x.round(2).tolist(), c.y.round(2).tolist(), strict=True))
     # (20, 256) lies in the trimmed band (outside core + context): not looked at.

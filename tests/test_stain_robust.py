@@ -259,14 +259,14 @@ class SpyLocalizer:
         self.seen: list[torch.Tensor] = []
 
     def localize(self, windows: torch.Tensor, *, window_mpp: float, halo_px: int) -> list[Any]:
-        from wsi_screen.localize import TileCandidates
+        from wsi_screen.cells import CellTable
 
         self.seen.append(windows.clone())
         out = []
         for w in windows:
             c = float(w.shape[0]) / 2
             out.append(
-                TileCandidates(
+                CellTable.from_rows(
                     x=np.array([c]),
                     y=np.array([c]),
                     detection_score=np.array([0.9], np.float32),
@@ -274,6 +274,7 @@ class SpyLocalizer:
                     outlines=[
                         np.array([[c - 3, c - 3], [c + 3, c - 3], [c + 3, c + 3], [c - 3, c + 3]], np.float32)
                     ],
+                    frame="window",
                 )
             )
         return out

@@ -26,45 +26,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from wsi_screen.cells import MORPHOMETRICS
+from wsi_screen.cells import MORPHOMETRICS, CellTable
 from wsi_screen.optical_density import optical_density
 
-__all__ = ["Candidates", "extract_candidates", "optical_density"]
+__all__ = ["extract_candidates", "optical_density"]
 
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
 
-
-@dataclass
-class Candidates:
-    """Nucleus candidates of one map (coordinates in continuous map pixels)."""
-
-    x: F64
-    y: F64
-    detection_score: F32
-    morphometrics: dict[str, F32]
-    outlines: list[F32]
-    #: Instance label image of the kept nuclei (0 = background), if asked for.
-    labels: NDArray[np.int32] | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    @classmethod
-    def empty(cls) -> Candidates:
-        return cls(
-            x=np.zeros(0, np.float64),
-            y=np.zeros(0, np.float64),
-            detection_score=np.zeros(0, np.float32),
-            morphometrics={k: np.zeros(0, np.float32) for k in MORPHOMETRICS},
-            outlines=[],
-        )
+# Candidates are a CellTable (wsi_screen.cells) in the "map" frame: continuous pixels of the map.
 
 
 def _seeds_from_marker(marker: F32, threshold: float, min_distance_px: float) -> NDArray[np.int32]:
@@ -248,7 +223,7 @@ def extract_candidates(
     max_area_um2: float = 450.0,
     min_peak_distance_um: float = 3.0,
     keep_labels: bool = False,
-) -> Candidates:
+) -> CellTable:
     """Nucleus instances and their morphometrics from probability maps (all ``(H, W)``, one µm/px).
 
     Args:
@@ -261,10 +236,11 @@ def extract_candidates(
         nucleus_threshold, marker_threshold, cell_threshold: probability cuts.
         min_area_um2, max_area_um2: nucleus size limits.
         min_peak_distance_um: nearest distance of two nuclei's centres.
-        keep_labels: also return the instance label image.
+        keep_labels: also return the instance label image (``label_image``).
 
     Returns:
-        :class:`Candidates` with :data:`~wsi_screen.cells.MORPHOMETRICS` columns (float32).
+        A :class:`~wsi_screen.cells.CellTable` in the ``"map"`` frame (continuous map px) with
+        :data:`~wsi_screen.cells.MORPHOMETRICS` columns (float32).
     """
     from skimage.segmentation import watershed
 
@@ -285,7 +261,7 @@ def extract_candidates(
 
     fg = prob >= nucleus_threshold
     if not fg.any():
-        return Candidates.empty()
+        return CellTable.empty(frame="map")
     blobs, n_blobs = ndimage.label(fg)
     dist = _edt_in(fg, blobs, range(1, n_blobs + 1))
     if marker is not None:
@@ -309,7 +285,7 @@ def extract_candidates(
     keep = (area_um2 >= min_area_um2) & (area_um2 <= max_area_um2)
     keep[0] = False
     if not keep.any():
-        return Candidates.empty()
+        return CellTable.empty(frame="map")
     # Relabel the kept instances 1..k (the rest becomes background).
     lut = np.zeros(n + 1, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
@@ -380,11 +356,12 @@ def extract_candidates(
         "cell_area_um2": cell_area_um2,
         "nc_ratio": nc_ratio,
     }
-    return Candidates(
+    return CellTable.from_rows(
         x=cx.astype(np.float64),
         y=cy.astype(np.float64),
+        outlines=outlines,
         detection_score=score.astype(np.float32),
         morphometrics={name: np.asarray(values[name], dtype=np.float32) for name in MORPHOMETRICS},
-        outlines=outlines,
-        labels=labels if keep_labels else None,
+        frame="map",
+        label_image=labels if keep_labels else None,
     )

@@ -2,7 +2,7 @@
 :mod:`wsi_screen.candidates`.
 
 :func:`extract_candidates_torch` takes (B, H, W) probability maps where the U-Net left them (CPU or
-CUDA) and returns, per map, the :class:`~wsi_screen.candidates.Candidates` that
+CUDA) and returns, per map, the ``"map"``-frame :class:`~wsi_screen.cells.CellTable` that
 :func:`~wsi_screen.candidates.extract_candidates` returns for it: same columns, units, coordinates
 and order. It works on flat lists of the set pixels of all maps at once (batch-major raster order;
 pixels of different maps are never neighbours):
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from wsi_screen.candidates import Candidates, _outline
-from wsi_screen.cells import MORPHOMETRICS
+from wsi_screen.candidates import _outline
+from wsi_screen.cells import MORPHOMETRICS, CellTable
 
 __all__ = ["extract_candidates_torch"]
 
@@ -422,7 +422,7 @@ def extract_candidates_torch(
     min_peak_distance_um: float = 3.0,
     min_detection_score: float = 0.0,
     keep_labels: bool = False,
-) -> list[Candidates]:
+) -> list[CellTable]:
     """Nucleus instances and morphometrics of each of B maps, on the maps' device.
 
     Args:
@@ -436,10 +436,11 @@ def extract_candidates_torch(
         min_detection_score: drop nuclei whose mean nucleus probability is below this before their
             outlines are traced (what ``Localizer`` does after the CPU path); cell areas are those of
             the CPU path, where every nucleus within the size limits claims its cell.
-        keep_labels: also return each map's instance label image (the nuclei within the size limits).
+        keep_labels: also return each map's instance label image (``label_image``; the nuclei within
+            the size limits).
 
     Returns:
-        One :class:`~wsi_screen.candidates.Candidates` per map, in order.
+        One :class:`~wsi_screen.cells.CellTable` per map, in order, in the ``"map"`` frame.
     """
     if not math.isfinite(mpp) or mpp <= 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
@@ -484,7 +485,7 @@ def _extract(
     min_peak_distance_um: float,
     min_detection_score: float,
     keep_labels: bool,
-) -> list[Candidates]:
+) -> list[CellTable]:
     b, h, w = (int(v) for v in prob.shape)
     hw = h * w
     dev = prob.device
@@ -495,7 +496,7 @@ def _extract(
     fg_mask = prob >= nucleus_threshold
     fg = _Pixels(fg_mask)
     if fg.n == 0:
-        return [Candidates.empty() for _ in range(b)]
+        return [CellTable.empty(frame="map") for _ in range(b)]
     nb4 = fg.neighbours(_NEIGHBOURS_4)
     u, v = fg.edges(4)
     paced = _paced(dev)
@@ -542,7 +543,7 @@ def _extract(
     kidx = torch.cumsum(keep, 0) - 1  # index among the kept instances
     n_kept = int(keep.sum())
     if n_kept == 0:
-        return [Candidates.empty() for _ in range(b)]
+        return [CellTable.empty(frame="map") for _ in range(b)]
     kept_px = keep[inst]
     ki = kidx[inst[kept_px]]
     pos_k = fg.pos[kept_px]
@@ -638,7 +639,7 @@ def _finish(
     has_od: bool,
     min_detection_score: float,
     keep_labels: bool,
-) -> list[Candidates]:
+) -> list[CellTable]:
     """The CPU path's formulas on the per-nucleus sums, per map; outlines of the kept nuclei."""
     px_um2 = mpp * mpp
     area_px = sums[:, 0]
@@ -663,7 +664,7 @@ def _finish(
     with np.errstate(divide="ignore", invalid="ignore"):
         nc_ratio = area_um2 / cell_area_um2
     select = score >= min_detection_score
-    out: list[Candidates] = []
+    out: list[CellTable] = []
     start = 0
     for i, n in enumerate(counts.tolist()):
         base = start
@@ -671,7 +672,7 @@ def _finish(
         start += n
         idx = idx[select[idx]]
         if len(idx) == 0:
-            out.append(Candidates.empty())
+            out.append(CellTable.empty(frame="map"))
             continue
         outlines: list[NDArray[np.float32]] = []
         perimeter_px = np.zeros(len(idx))
@@ -695,13 +696,14 @@ def _finish(
             "nc_ratio": nc_ratio[idx],
         }
         out.append(
-            Candidates(
+            CellTable.from_rows(
                 x=cx[idx].astype(np.float64),
                 y=cy[idx].astype(np.float64),
+                outlines=outlines,
                 detection_score=score[idx].astype(np.float32),
                 morphometrics={name: np.asarray(values[name], dtype=np.float32) for name in MORPHOMETRICS},
-                outlines=outlines,
-                labels=labels[i].copy() if keep_labels else None,
+                frame="map",
+                label_image=labels[i].copy() if keep_labels else None,
             )
         )
     return out

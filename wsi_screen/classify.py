@@ -51,8 +51,8 @@ def nucleus_mask(outlines: Sequence[NDArray[np.floating[Any]]], shape: tuple[int
     """A (H, W) uint8 mask, 255 inside any of the nucleus ``outlines`` and 0 elsewhere.
 
     Outlines are (K, 2) polygons of (x, y) in continuous window pixels (pixel ``i`` spans
-    ``[i, i + 1)``, as :class:`wsi_screen.localize.TileCandidates` gives them); a pixel is inside when
-    its centre is. Outlines with fewer than three vertices are ignored.
+    ``[i, i + 1)``, as a ``"window"``-frame :class:`wsi_screen.cells.CellTable` gives them); a pixel is
+    inside when its centre is. Outlines with fewer than three vertices are ignored.
     """
     from skimage.draw import polygon
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from wsi_screen.localize import CoverageResolver, Localizer
     from wsi_screen.stain import ReinhardStats
 
-__all__ = ["DARK_FILL_RGB", "BatchResult", "TileProcessor", "assemble_batch", "owned_table"]
+__all__ = ["DARK_FILL_RGB", "BatchResult", "TileProcessor", "assemble_batch"]
 
 
 #: What the localizer sees instead of a large dark region (``TileProcessor(fill_dark=True)``): glass.
@@ -219,7 +219,7 @@ class TileProcessor:
             lx, ly = tile.to_level0(c.x, c.y)
             keep = tile.owns(lx, ly) if self.coverage is None else self.coverage.candidates_mask(tile, lx, ly)
             own = np.flatnonzero(keep)
-            tables.append(owned_table(tile, c, own, lx, ly))
+            tables.append(c.subset(own).to_level0(tile))  # all outlines mapped at once
             tile_idx.append(np.full(len(own), b, np.int64))
             cxs.append(np.floor(np.asarray(c.x)[own]).astype(np.int64))
             cys.append(np.floor(np.asarray(c.y)[own]).astype(np.int64))
@@ -245,33 +245,3 @@ class TileProcessor:
         return BatchResult(
             tables=tables, focus=focus, crops=crops if self.keep_crops else None, timings=timings
         )
-
-
-def owned_table(
-    tile: Tile, c: Any, own: NDArray[np.intp], lx: NDArray[np.float64], ly: NDArray[np.float64]
-) -> CellTable:
-    """The cells of ``c`` at ``own`` as a table in level-0 px (all outlines mapped at once)."""
-    from wsi_screen.cells import MORPHOMETRICS
-
-    n = len(own)
-    polys = [np.asarray(c.outlines[i]).reshape(-1, 2) for i in own]
-    lengths = np.fromiter((len(q) for q in polys), np.int64, count=n)
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    xy = np.concatenate(polys).astype(np.float64) if n else np.zeros((0, 2), np.float64)
-    px, py = tile.to_level0(xy[:, 0], xy[:, 1])
-    outline_xy = np.empty((len(xy), 2), np.float32)
-    outline_xy[:, 0] = px
-    outline_xy[:, 1] = py
-    morph = {k: np.zeros(n, np.float32) for k in MORPHOMETRICS}
-    morph.update({k: np.asarray(v, np.float32)[own] for k, v in c.morphometrics.items()})
-    return CellTable(
-        x=np.asarray(lx[own], np.float64),
-        y=np.asarray(ly[own], np.float64),
-        tile=np.full(n, tile.index, np.int32),
-        detection_score=np.asarray(c.detection_score, np.float32)[own],
-        morphometrics=morph,
-        outline_offsets=offsets,
-        outline_xy=outline_xy,
-        probs=np.zeros((n, 0), np.float32),
-    )

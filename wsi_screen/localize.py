@@ -35,14 +35,13 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from wsi_screen.candidates import Candidates, extract_candidates
-from wsi_screen.cells import MORPHOMETRICS
+from wsi_screen.candidates import extract_candidates
+from wsi_screen.cells import CellTable
 from wsi_screen.errors import BundleError
 from wsi_screen.optical_density import optical_density_torch
 from wsi_screen.runtime import autocast_context
@@ -50,7 +49,6 @@ from wsi_screen.runtime import autocast_context
 if TYPE_CHECKING:
     import torch
 
-    from wsi_screen.cells import CellTable
     from wsi_screen.config import LocalizationSettings
     from wsi_screen.models.bundle import ModelBundle
     from wsi_screen.slide import Slide
@@ -62,7 +60,6 @@ __all__ = [
     "REPRESENTATIONS",
     "CoverageResolver",
     "Localizer",
-    "TileCandidates",
     "localize_region",
     "model_input",
     "resolve_candidate_path",
@@ -78,51 +75,6 @@ REPRESENTATIONS: dict[str, int] = {"od_gray": 1, "rgb": 3}
 _STRIDE = 32
 #: Default context around a tile core when a bundle does not state one (µm).
 _DEFAULT_CONTEXT_UM = 24.0
-
-
-@dataclass
-class TileCandidates:
-    """Candidates of one window: coordinates in continuous window px at the window's µm/px."""
-
-    x: NDArray[np.float64]
-    y: NDArray[np.float64]
-    detection_score: NDArray[np.float32]
-    morphometrics: dict[str, NDArray[np.float32]]
-    outlines: list[NDArray[np.float32]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    @classmethod
-    def empty(cls) -> TileCandidates:
-        return cls(
-            x=np.zeros(0, np.float64),
-            y=np.zeros(0, np.float64),
-            detection_score=np.zeros(0, np.float32),
-            morphometrics={k: np.zeros(0, np.float32) for k in MORPHOMETRICS},
-        )
-
-    def select(self, index: NDArray[np.bool_] | NDArray[np.integer[Any]]) -> TileCandidates:
-        """The candidates at ``index`` (boolean mask or integer positions)."""
-        idx = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index, np.int64)
-        return TileCandidates(
-            x=self.x[idx],
-            y=self.y[idx],
-            detection_score=self.detection_score[idx],
-            morphometrics={k: v[idx] for k, v in self.morphometrics.items()},
-            outlines=[self.outlines[int(i)] for i in idx],
-        )
-
-    def transformed(self, *, scale: float, offset_x: float, offset_y: float) -> TileCandidates:
-        """A copy with coordinates ``offset + scale · (x, y)`` (outlines too)."""
-        off = np.array([offset_x, offset_y], np.float64)
-        return TileCandidates(
-            x=offset_x + scale * self.x,
-            y=offset_y + scale * self.y,
-            detection_score=self.detection_score,
-            morphometrics=self.morphometrics,
-            outlines=[(off + scale * o.astype(np.float64)).astype(np.float32) for o in self.outlines],
-        )
 
 
 def _whole_factor(factor: float) -> int | None:
@@ -312,12 +264,12 @@ class Localizer:
         """Context around a core the model needs, in window pixels."""
         return math.ceil(self.context_um / window_mpp - 1e-9)
 
-    def localize(self, windows: torch.Tensor, *, window_mpp: float, halo_px: int) -> list[TileCandidates]:
+    def localize(self, windows: torch.Tensor, *, window_mpp: float, halo_px: int) -> list[CellTable]:
         """Candidates of each window (B, H, W, 3) uint8, normalized, read with ``halo_px`` of halo.
 
         The U-Net runs on the core plus ``min(halo_px, context)`` window pixels on each side; the
-        returned coordinates are relative to the full window. Candidates in the halo are returned
-        too: the caller settles which tile reports each (:class:`CoverageResolver`).
+        returned tables are in the ``"window"`` frame (continuous px of the full window). Candidates in
+        the halo are returned too: the caller settles which tile reports each (:class:`CoverageResolver`).
         """
         if windows.ndim != 4 or windows.shape[-1] != 3:
             raise ValueError(f"windows must be (B, H, W, 3), got shape {tuple(windows.shape)}")
@@ -371,10 +323,10 @@ class Localizer:
         ]
         out = [_to_window(c, sx=sx, sy=sy, offset=float(trim)) for c in self._extract(jobs)]
         if floor > 0:  # nuclei whose mean nucleus probability is low are mostly debris and cytoplasm
-            out = [c.select(c.detection_score >= floor) for c in out]
+            out = [c.subset(c.detection_score >= floor) for c in out]
         return out
 
-    def _extract(self, jobs: list[dict[str, Any]]) -> list[Candidates]:
+    def _extract(self, jobs: list[dict[str, Any]]) -> list[CellTable]:
         """:func:`extract_candidates` of each job, in order: in this thread, or spread over the
         candidate processes (``localization.candidate_workers``) when there are several jobs."""
         if self.candidate_workers == 0 or len(jobs) < 2:
@@ -434,20 +386,24 @@ def resolve_candidate_workers(requested: int | None, device: torch.device, *, ba
     return workers if device.type != "cpu" and workers >= 2 else 0
 
 
-def _extract_job(job: dict[str, Any]) -> Candidates:
+def _extract_job(job: dict[str, Any]) -> CellTable:
     """One tile's candidates in a candidate process (a top-level function, so it pickles)."""
     return extract_candidates(**job)
 
 
-def _to_window(c: Candidates, *, sx: float, sy: float, offset: float) -> TileCandidates:
-    """Map candidates from model px (a crop starting ``offset`` window px in) to window px."""
+def _to_window(c: CellTable, *, sx: float, sy: float, offset: float) -> CellTable:
+    """Map a ``"map"`` table (a crop starting ``offset`` window px in) to the ``"window"`` frame."""
     scale = np.array([sx, sy], np.float32)
-    return TileCandidates(
+    return CellTable(
         x=offset + sx * c.x,
         y=offset + sy * c.y,
+        tile=c.tile,
         detection_score=c.detection_score,
         morphometrics=c.morphometrics,
-        outlines=[np.float32(offset) + scale * o for o in c.outlines],
+        outline_offsets=c.outline_offsets,
+        outline_xy=np.float32(offset) + scale * c.outline_xy,
+        probs=c.probs,
+        frame="window",
     )
 
 
@@ -462,13 +418,13 @@ def localize_region(
     window_mpp: float | None = None,
     source: ReinhardStats | None = None,
     normalize: bool = True,
-) -> TileCandidates:
+) -> CellTable:
     """Localize the nuclei of one level-0 region in a single window (no tiling).
 
     The region is read at ``window_mpp`` (default: the localizer's µm/px) with the model's context
     around it, normalized towards the bundle's stain target with ``source`` statistics (default: the
     region's own, glass masked), and localized at once. Returns the candidates whose centre lies in
-    ``[x0, x0 + w) × [y0, y0 + h)``, with coordinates and outlines in **level-0 pixels**.
+    ``[x0, x0 + w) × [y0, y0 + h)``, a ``"level0"`` table (coordinates and outlines in level-0 px).
     Memory grows with the region: meant for tests, debugging and small regions.
     """
     import torch
@@ -492,9 +448,9 @@ def localize_region(
         if source is not None:
             batch = reinhard(batch, target, source=source)
     cands = localizer.localize(batch, window_mpp=mpp, halo_px=margin)[0]
-    level0 = cands.transformed(scale=scale, offset_x=rx, offset_y=ry)
+    level0 = cands.transformed(scale=scale, offset_x=rx, offset_y=ry, frame="level0")
     inside = (level0.x >= x0) & (level0.x < x0 + w) & (level0.y >= y0) & (level0.y < y0 + h)
-    return level0.select(inside)
+    return level0.subset(inside)
 
 
 class CoverageResolver:
@@ -603,8 +559,6 @@ class CoverageResolver:
     def add(self, tile: Tile, table: CellTable) -> CellTable:
         """The cells ``tile`` saw (level-0 px; at least those of :meth:`candidates_mask`); returns the
         cells that are now final."""
-        from wsi_screen.cells import CellTable
-
         x, y = np.asarray(table.x, np.float64), np.asarray(table.y, np.float64)
 
         def inside(box: tuple[float, float, float, float]) -> NDArray[np.bool_]:
@@ -640,8 +594,6 @@ class CoverageResolver:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
         from scipy.spatial import cKDTree
-
-        from wsi_screen.cells import CellTable
 
         refs = [(g, int(i)) for g, (_, alive, _, _) in enumerate(self._groups) for i in np.flatnonzero(alive)]
         if not refs:

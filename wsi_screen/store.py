@@ -254,6 +254,8 @@ class CellStoreWriter:
         """Append classified cells (``table.probs`` must be N × len(class_names))."""
         if self._closed:
             raise RuntimeError("cell store is closed")
+        if table.frame != "level0":
+            raise ValueError(f"cells.zarr holds level-0 cells, got a table in the {table.frame} frame")
         n = len(table)
         n_classes = len(self.class_names)
         if table.probs.shape != (n, n_classes):
