@@ -16,6 +16,7 @@ from wsi_screen.config import Settings
 from wsi_screen.errors import WsiScreenError
 
 __all__ = [
+    "REMOVED_SETTINGS",
     "RESULT_NEUTRAL_SETTINGS",
     "PreviousState",
     "ResumeKey",
@@ -36,8 +37,10 @@ RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "localization.batch_size",
     "localization.candidate_workers",
     "classification.batch_size",
-    "runtime.seed",  # removed (issue 17; nothing read it): results recorded with it still resume
 )
+#: Settings that older versions recorded and this one no longer has; left out of :func:`config_hash`
+#: so that their results still resume (``runtime.seed``: nothing read it, removed in issue 17).
+REMOVED_SETTINGS: tuple[str, ...] = ("runtime.seed",)
 
 
 def entry_signature(entry: SlideEntry) -> tuple[tuple[str, int, int], ...]:
@@ -86,9 +89,10 @@ def _drop_key(data: dict[str, Any], dotted: str) -> None:
 
 
 def config_hash(config: Settings | Mapping[str, Any]) -> str:
-    """sha256 of the resolved settings minus :data:`RESULT_NEUTRAL_SETTINGS` (canonical JSON)."""
+    """sha256 of the resolved settings minus :data:`RESULT_NEUTRAL_SETTINGS` and
+    :data:`REMOVED_SETTINGS` (canonical JSON)."""
     data = config.to_dict() if isinstance(config, Settings) else json.loads(json.dumps(dict(config)))
-    for key in RESULT_NEUTRAL_SETTINGS:
+    for key in (*RESULT_NEUTRAL_SETTINGS, *REMOVED_SETTINGS):
         _drop_key(data, key)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
