@@ -106,7 +106,7 @@ def plan_cohort(
     order = [diagnoses[i % len(diagnoses)] for i in range(n_abnormals)]
     order = [order[int(j)] for j in rng.permutation(len(order))]
     for i, dx in enumerate(order):
-        n = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi + 0.999)) - 1e-9)))
+        n = round(math.exp(rng.uniform(math.log(lo), math.log(hi + 0.999)) - 1e-9))
         n = min(max(n, lo), hi)
         plans.append(SlidePlan(f"abn-{i:03d}", dx, seed * 10_000 + 5_000 + i, n))
     return plans
@@ -115,7 +115,7 @@ def plan_cohort(
 def adequacy_override(min_squamous: int, fraction: float) -> dict[str, int]:
     """The adequacy rule matching the design: ``fraction`` of the fewest squamous cells a slide holds
     (the shipped 5,000/8,000 are for whole slides; these slides are designed smaller)."""
-    return {"adequacy.min_squamous_cells": max(1, int(math.floor(fraction * min_squamous)))}
+    return {"adequacy.min_squamous_cells": max(1, math.floor(fraction * min_squamous))}
 
 
 def batch_command(cohort: Path, override: dict[str, Any], preset: str | None) -> str:
