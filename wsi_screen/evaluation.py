@@ -16,15 +16,17 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from wsi_screen.errors import WsiScreenError
 from wsi_screen.metrics import binary_auroc, binary_counts, jsonable, roc_curve
+from wsi_screen.summary import ranking_score, severity_scores
 
 __all__ = [
     "ABNORMAL_LABELS",
@@ -32,9 +34,12 @@ __all__ = [
     "LABELS",
     "EvaluationError",
     "EvaluationInputNotFoundError",
+    "candidate_slide_scores",
     "evaluate_slides",
     "normalize_label",
     "read_labels_csv",
+    "score_tail",
+    "set_aside_at_full_sensitivity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -451,3 +456,88 @@ def evaluate_slides(batch_out_dir: str | Path, labels_csv: str | Path) -> dict[s
         "slides": sorted(evaluated, key=lambda s: (-(s["score"] or 0.0), s["slide_id"])),
     }
     return jsonable(result)  # type: ignore[no-any-return]
+
+
+# -- candidate slide scores (pipelines/compare_slide_scores.py) -----------------------------------------
+def candidate_slide_scores(
+    probs: NDArray[Any],
+    class_names: Sequence[str],
+    abnormal_classes: Sequence[str],
+    severity: Mapping[str, float],
+    *,
+    top_k: Sequence[int] = (1, 3, 10),
+    thresholds: Sequence[float] = (0.5, 0.7, 0.9),
+    exclude_class: str | None = "artifact",
+) -> dict[str, float]:
+    """Candidate slide scores of one slide's cells (``probs`` N × C), for choosing the slide score.
+
+    With ``a`` each cell's abnormality score (summed abnormal-class probability, ``cells.zarr``
+    ``score``) and ``s`` its severity score (``Σ_c severity[c] · p_c``, as ``summary.json``):
+
+    * ``top{k}_mean``: mean of the ``k`` highest ``a`` (missing cells count as 0);
+    * ``top{k}_severity``: the same of ``s`` (``top10_severity`` is the shipped ranking score with
+      the shipped ``top_k``);
+    * ``per1000_ge{t}``: cells with ``a ≥ t`` per 1,000 cells of the slide;
+    * ``severity_per1000_ge{t}``: ``Σ s`` over the cells with ``a ≥ t``, per 1,000 cells.
+
+    Each also as ``no_<exclude_class>/<name>``: computed without the cells whose top class is
+    ``exclude_class`` (the denominator then counts the remaining cells); when the model has no such
+    class the two are equal.
+    """
+    p = np.asarray(probs, np.float64)
+    names = [str(c) for c in class_names]
+    if p.ndim != 2 or p.shape[1] != len(names):
+        raise ValueError(f"probs must be N×{len(names)}, got shape {p.shape}")
+    out: dict[str, float] = {}
+    variants: list[tuple[str, NDArray[np.bool_]]] = [("", np.ones(p.shape[0], bool))]
+    if exclude_class is not None:
+        keep = np.ones(p.shape[0], bool)
+        if exclude_class in names and p.shape[0]:
+            keep = np.argmax(p, axis=1) != names.index(exclude_class)
+        variants.append((f"no_{exclude_class}/", keep))
+    for prefix, keep in variants:
+        q = p[keep]
+        idx = [names.index(c) for c in abnormal_classes]
+        a = np.clip(q[:, idx].sum(axis=1), 0.0, 1.0) if idx else np.zeros(q.shape[0])
+        s = severity_scores(q, names, list(abnormal_classes), severity).astype(np.float64)
+        n = q.shape[0]
+        for k in top_k:
+            out[f"{prefix}top{k}_mean"] = ranking_score(a, k)
+            out[f"{prefix}top{k}_severity"] = ranking_score(s, k)
+        for t in thresholds:
+            above = a >= t
+            out[f"{prefix}per1000_ge{t:g}"] = 1000.0 * float(above.sum()) / n if n else 0.0
+            out[f"{prefix}severity_per1000_ge{t:g}"] = 1000.0 * float(s[above].sum()) / n if n else 0.0
+    return out
+
+
+def set_aside_at_full_sensitivity(scores: ArrayLike, abnormal: ArrayLike) -> dict[str, Any]:
+    """Negatives set aside by the highest threshold that keeps every abnormal slide.
+
+    The threshold is the lowest abnormal slide score; a slide is set aside when its score is strictly
+    below it (ties are kept). Returns ``threshold``, ``n_negative``, ``n_set_aside`` and ``fraction``
+    (``None`` without abnormal or negative slides).
+    """
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = np.asarray(abnormal).astype(bool).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and abnormal differ in length: {s.size} vs {y.size}")
+    n_neg = int((~y).sum())
+    if not y.any() or n_neg == 0:
+        return {"threshold": None, "n_negative": n_neg, "n_set_aside": 0, "fraction": None}
+    threshold = float(s[y].min())
+    aside = int((s[~y] < threshold).sum())
+    return {"threshold": threshold, "n_negative": n_neg, "n_set_aside": aside, "fraction": aside / n_neg}
+
+
+def score_tail(
+    values: ArrayLike, quantiles: Sequence[float] = (0.99, 0.999)
+) -> dict[str, int | float | None]:
+    """``p99``, ``p99.9`` … (linear interpolation) and ``max`` of ``values``, plus their count ``n``."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    out: dict[str, int | float | None] = {"n": int(v.size)}
+    for q in quantiles:
+        out[f"p{100 * q:g}"] = float(np.quantile(v, q)) if v.size else None
+    out["max"] = float(v.max()) if v.size else None
+    return out
