@@ -42,6 +42,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_screen.errors import WsiScreenError
+from wsi_screen.jsonio import write_json
+from wsi_screen.metrics import jsonable
 from wsi_screen.train.augment import AugmentConfig
 from wsi_screen.train.data import CropSet, DataError, order_classes
 
@@ -224,13 +226,6 @@ def _split_from_json(data: CropSet, saved: Mapping[str, Any]) -> dict[str, NDArr
         groups = set(saved[name]["groups"])
         out[name] = np.flatnonzero(np.isin(data.groups, list(groups))).astype(np.intp)
     return out
-
-
-def _write_json(path: Path, data: Any) -> None:
-    from wsi_screen.jsonio import write_json
-    from wsi_screen.metrics import jsonable
-
-    write_json(path, jsonable(data), default=None)
 
 
 def _head_parameters(model: nn.Module) -> set[int]:
@@ -506,7 +501,7 @@ def train_classifier(
     split_info = _split_json(data, parts, cfg)
     if given is not None:
         split_info["group_rule"] = "given by the caller (a split manifest): indices, not groups"
-    _write_json(split_file, split_info)
+    write_json(split_file, jsonable(split_info), default=None)
     tr_idx, va_idx, te_idx = parts["train"], parts["val"], parts["test"]
     logger.info(
         "split by group: train %d crops (%d groups), val %d (%d), test %d (%d)",
@@ -806,8 +801,8 @@ def train_classifier(
     )
     final_cfg = saved.config.model_copy(update={"metrics": metrics, "thresholds": thresholds})
     _rewrite_config(out, final_cfg)
-    _write_json(out / SPLIT_NAME, split_info)
-    _write_json(out / "history.json", history)
+    write_json(out / SPLIT_NAME, jsonable(split_info), default=None)
+    write_json(out / "history.json", jsonable(history), default=None)
     _write_history_csv(work / "history.csv", history)
     from wsi_screen.models.bundle import load_bundle
 
