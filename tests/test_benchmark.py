@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("wsi_benchmark", ROOT / "pipelines" / "benchmark.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from pipeline_scripts import load_pipeline
 
 
 def _positive(value: object) -> bool:
@@ -29,7 +16,7 @@ def _positive(value: object) -> bool:
 
 @pytest.mark.slow
 def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
-    bench = _load_benchmark()
+    bench = load_pipeline("benchmark", module_name="wsi_benchmark")
     out = tmp_path / "bench"
     report = bench.main(
         ["--quick", "--out", str(out), "--no-report", "--wsinfer-python", str(tmp_path / "no-such-python")]

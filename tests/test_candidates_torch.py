@@ -9,15 +9,13 @@ there). The same torch code runs on CUDA (``gpu`` marker).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from pipeline_scripts import load_pipeline
 from scipy import ndimage
 
 from wsi_screen.candidates import extract_candidates
@@ -34,22 +32,10 @@ from wsi_screen.cells import MORPHOMETRICS
 from wsi_screen.config import LocalizationSettings
 from wsi_screen.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_candidates", ROOT / "pipelines" / "bench_candidates.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_candidates"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+bench = load_pipeline("bench_candidates")
 
 
 def _cc(mask: np.ndarray, connectivity: int = 4) -> np.ndarray:

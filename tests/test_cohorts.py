@@ -3,16 +3,14 @@ wsi_screen.evaluation.candidate_slide_scores)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 from cellfactory import ABNORMAL, CLASSES, make_cells
+from pipeline_scripts import load_pipeline
 
 from wsi_screen.config import load_settings, parse_override
 from wsi_screen.evaluation import (
@@ -23,21 +21,10 @@ from wsi_screen.evaluation import (
 )
 from wsi_screen.metrics import binary_auroc
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pipeline(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 # -- cohort design ---------------------------------------------------------------------------------------
 def test_abnormal_range_follows_the_design() -> None:
-    bc = _pipeline("build_cohorts")
+    bc = load_pipeline("build_cohorts")
     assert bc.abnormal_range(2000) == (3, 30, True)  # 0.1 % = 2 < 3; 2 % = 40 > 30
     assert bc.abnormal_range(500) == (3, 10, True)
     assert bc.abnormal_range(20_000) == (20, 30, True)
@@ -45,7 +32,7 @@ def test_abnormal_range_follows_the_design() -> None:
 
 
 def test_plan_cohort_counts_and_diagnoses() -> None:
-    bc = _pipeline("build_cohorts")
+    bc = load_pipeline("build_cohorts")
     plans = bc.plan_cohort(30, 30, 2000, bc.SYNTHETIC_DIAGNOSES, seed=3)
     neg = [p for p in plans if p.diagnosis == "NILM"]
     abn = [p for p in plans if p.diagnosis != "NILM"]
@@ -58,7 +45,7 @@ def test_plan_cohort_counts_and_diagnoses() -> None:
 
 
 def test_tiny_synthetic_cohort_builds(tmp_path: Path) -> None:
-    bc = _pipeline("build_cohorts")
+    bc = load_pipeline("build_cohorts")
     out = tmp_path / "cohort"
     assert (
         bc.main(
@@ -104,7 +91,7 @@ def test_tiny_synthetic_cohort_builds(tmp_path: Path) -> None:
 
 
 def test_conventional_cohort_uses_the_conventional_preset(tmp_path: Path) -> None:
-    bc = _pipeline("build_cohorts")
+    bc = load_pipeline("build_cohorts")
     c = bc.build_synthetic(
         tmp_path,
         profile="scanner_b",
@@ -191,7 +178,7 @@ def _toy_slides() -> list[dict]:
 
 
 def test_compare_on_a_toy_cohort() -> None:
-    cs = _pipeline("compare_slide_scores")
+    cs = load_pipeline("compare_slide_scores")
     r = cs.compare(_toy_slides(), top_k=(1,), thresholds=(0.5,))
     by = {e["score"]: e for e in r["scores"]}
     # top1: n0 0.05, n1 0.4, a0 0.9, a1 0.35 → a1 is below n1: AUROC (1 + 1 + 1 + 0) / 4
@@ -213,7 +200,7 @@ def test_compare_on_a_toy_cohort() -> None:
 def test_compare_script_on_a_constructed_batch(tmp_path: Path) -> None:
     from wsi_screen.store import CellStoreWriter
 
-    cs = _pipeline("compare_slide_scores")
+    cs = load_pipeline("compare_slide_scores")
     batch = tmp_path / "batch"
     design = {"n0": ("NILM", []), "n1": ("NILM", []), "a0": ("HSIL", ["HSIL"] * 3), "a1": ("LSIL", ["LSIL"])}
     for i, (sid, (_, abnormal)) in enumerate(design.items()):

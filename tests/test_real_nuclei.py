@@ -3,15 +3,13 @@ checkpoint/resume, Wilson intervals and the real-cell slide scorer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from pipeline_scripts import load_pipeline
 
 from wsi_screen.metrics import wilson_interval
 from wsi_screen.train.fields import CropCell, compose_fields, read_split_manifest, split_names
@@ -26,15 +24,6 @@ from wsi_screen.train.unet import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "pipelines" / "splits" / "real.json"
-
-
-def _pipeline(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # -- split manifest ------------------------------------------------------------------------------------
@@ -65,14 +54,14 @@ def test_manifest_keeps_every_group_in_one_part() -> None:
 
 def test_committed_manifest_is_current(shared_data: Path) -> None:
     """The committed manifest is exactly what pipelines/make_splits.py builds from the shared data."""
-    make_splits = _pipeline("make_splits")
+    make_splits = load_pipeline("make_splits")
     built = json.dumps(make_splits.build(shared_data), indent=1, ensure_ascii=False) + "\n"
     assert built == MANIFEST.read_text()
 
 
 def test_split_hash_is_stable() -> None:
     """The part of a unit depends on its id only (SHA-256), not on Python's hash seed or the order."""
-    make_splits = _pipeline("make_splits")
+    make_splits = load_pipeline("make_splits")
     parts = [make_splits.part_of("herlev", str(g)) for g in range(400)]
     assert parts == [make_splits.part_of("herlev", str(g)) for g in range(400)]
     shares = {k: parts.count(k) / len(parts) for k in ("train", "val", "test")}

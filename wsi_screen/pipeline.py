@@ -421,24 +421,7 @@ def screen_and_write(
 
     t0 = time.perf_counter()
     slide = open_slide(slide_path, backend=settings.slide.backend, mpp=settings.slide.mpp)
-    if out_root is None:
-        with slide:
-            fingerprint = slide.fingerprint()
-            timings["open"] = time.perf_counter() - t0
-            screened = screen_open_slide(
-                slide,
-                settings=settings,
-                models=models,
-                slide_id=sid,
-                progress=progress,
-                on_tile=on_tile,
-                fingerprint=fingerprint,
-                timings=timings,
-            )
-        screened.timings["total"] = time.perf_counter() - t_start
-        return None, screened
-    out = Path(out_root)
-    tmp = atomic_dir(out, sid)
+    tmp = None if out_root is None else atomic_dir(Path(out_root), sid)
     try:
         with slide:
             fingerprint = slide.fingerprint()
@@ -448,17 +431,21 @@ def screen_and_write(
                 settings=settings,
                 models=models,
                 slide_id=sid,
-                store_path=tmp / CELLS,
+                store_path=None if tmp is None else tmp / CELLS,
                 progress=progress,
                 on_tile=on_tile,
                 fingerprint=fingerprint,
                 timings=timings,
             )
+            if tmp is None:
+                screened.timings["total"] = time.perf_counter() - t_start
+                return None, screened
             run_info = write_slide_outputs(tmp, screened, arguments=arguments, t_start=t_start)
-        final = out / sid
+        final = tmp.parent / sid
         publish(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = SlideResult(
         slide_id=sid,
