@@ -32,7 +32,8 @@ Stages (``--stages``, default all, in this order):
     crops; variants ``--variants`` (``scratch``; ``init``: synthetic pre-training, initialised from
     ``cyto-synth-v1``, class-balanced draws; ``finetune``: ``init`` trained further at half the
     learning rate with NILM and organism drawn ``--negative-weight`` × as often, so that about half
-    the draws are negative). Test crops are never seen.
+    the draws are negative; ``scratch-finetune``: the same second stage from ``scratch``). Test
+    crops are never seen.
 ``evaluate``
     Every variant on the test crops (``CellClassifier``, as in screening), at the review threshold
     chosen on validation (binary sensitivity ≥ 0.90): binary sensitivity/specificity, HSIL+ recall,
@@ -74,6 +75,9 @@ CLASSES = ["NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC", "organism", 
 ABNORMAL = ["ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC"]
 HSIL_PLUS = ["HSIL", "SCC"]
 STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship")
+#: Second-stage variants and the first stage each starts from.
+FINETUNE_FROM = {"finetune": "init", "scratch-finetune": "scratch"}
+VARIANTS = ("scratch", "init", *FINETUNE_FROM)
 
 logger = logging.getLogger("train_classifier_real")
 
@@ -286,16 +290,21 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
         out = work / "bundles" / variant
         if (out / "bundle.json").is_file() and "train" not in args.force:
             continue
+        second = variant in FINETUNE_FROM
         cfg = TrainConfig(
             arch=args.arch,
             epochs=args.epochs,
             batch_size=64,
-            lr=1e-3 if variant == "finetune" else 2e-3,
-            warmup_epochs=0.5 if variant == "finetune" else 1.0,
+            lr=1e-3 if second else 2e-3,
+            warmup_epochs=0.5 if second else 1.0,
             balanced_sampler=True,
             label_smoothing=0.05,
             augment=AugmentConfig(),
-            init={"init": "cyto-synth-v1", "finetune": str(work / "bundles" / "init")}.get(variant),
+            init=(
+                str(work / "bundles" / FINETUNE_FROM[variant])
+                if second
+                else {"init": "cyto-synth-v1"}.get(variant)
+            ),
             patience=args.epochs,
             threads=args.threads,
             seed=args.seed,
@@ -315,9 +324,9 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
             split=split,
             sample_weights=np.concatenate(
                 [
-                    # finetune: NILM and organism drawn negative_weight × as often as under the class
+                    # second stage: NILM and organism drawn negative_weight × as often as under the class
                     # balance, so that negatives are about half the draws, as the score's prior should be.
-                    weights * np.where(negative & (variant == "finetune"), args.negative_weight, 1.0),
+                    weights * np.where(negative & second, args.negative_weight, 1.0),
                     np.ones(len(split["val"])),
                 ]
             ),
@@ -525,17 +534,22 @@ def stage_ship(args: argparse.Namespace, work: Path) -> None:
         "val": ev["val"],
         "test": ev["test"],
     }
-    if args.ship == "finetune":  # record the first stage (its init is a path in WORK, not a bundle name)
-        first = json.loads((work / "bundles" / "init" / CONFIG_NAME).read_text())
+    if args.ship in FINETUNE_FROM:  # record the first stage (its init is a path in WORK, not a bundle name)
+        start = FINETUNE_FROM[args.ship]
+        first = json.loads((work / "bundles" / start / CONFIG_NAME).read_text())
         cfg["training"]["stages"] = [
             {
-                "stage": "init: synthetic pre-training (from cyto-synth-v1), class-balanced draws",
+                "stage": (
+                    "init: synthetic pre-training (from cyto-synth-v1), class-balanced draws"
+                    if start == "init"
+                    else "scratch: random initialisation, class-balanced draws"
+                ),
                 "recipe": first["training"]["recipe"],
                 "best_epoch": first["training"].get("best_epoch"),
                 "train_seconds": first["training"].get("train_seconds"),
             },
             {
-                "stage": "finetune: from the first stage, NILM and organism drawn "
+                "stage": f"{args.ship}: from the first stage, NILM and organism drawn "
                 f"{args.negative_weight} × as often",
                 "recipe": cfg["training"]["recipe"],
             },
@@ -564,9 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic-weight", type=float, default=0.3)
     p.add_argument("--localizer", default=None, help="localization bundle (default: the shipped default)")
     p.add_argument(
-        "--variants", nargs="+", default=["init", "finetune"], choices=["scratch", "init", "finetune"]
+        "--variants", nargs="+", default=["init", "finetune"], choices=list(VARIANTS)
     )
-    p.add_argument("--negative-weight", type=float, default=3.0, help="finetune: NILM/organism draw weight")
+    p.add_argument("--negative-weight", type=float, default=3.0, help="second stage: NILM/organism draw weight")
     p.add_argument("--arch", default="mobilenetv3_small_100")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--samples-per-epoch", type=int, default=None)

@@ -205,6 +205,27 @@ def test_thumbnail_is_blockwise_and_complete(gradient_pyramid: Path) -> None:
         assert np.abs(thumb.astype(int) - ref.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("mpp", [2.0, 2.5])  # a level read one to one, and a resampled one
+def test_thumbnail_threads_give_the_same_pixels(gradient_pyramid: Path, backend: str, mpp: float) -> None:
+    with open_slide(gradient_pyramid, backend=backend) as s:  # type: ignore[arg-type]
+        one = s.thumbnail(mpp=mpp, block=40)
+        for workers in (2, 5):
+            np.testing.assert_array_equal(s.thumbnail(mpp=mpp, block=40, workers=workers), one)
+        assert one.shape == (round(2048 * 0.25 / mpp), round(2048 * 0.25 / mpp), 3)
+        with pytest.raises(ValueError, match="workers"):
+            s.thumbnail(mpp=mpp, workers=0)
+
+
+def test_thumbnail_threads_on_an_aperio_slide(shared_slides: Path) -> None:
+    """JPEG tiles through the direct path (one to one) and resampled, 1 thread against 3."""
+    with open_slide(shared_slides / "cmu-1-small-region.svs") as s:
+        assert s.direct_levels == (0,)
+        for mpp in (0.499, 4.0):
+            one = s.thumbnail(mpp=mpp, block=256)
+            np.testing.assert_array_equal(s.thumbnail(mpp=mpp, block=256, workers=3), one)
+
+
 def test_too_large_dimensions_refused(gradient_pyramid: Path) -> None:
     with pytest.raises(SlideTooLargeError, match="2048"):
         open_slide(gradient_pyramid, max_dimension=1000)

@@ -993,16 +993,54 @@ class Slide:
             raise self._tile_error(lvl, (cx0, cy0, cx1, cy1), exc) from exc
         return RegionParts(w, h, tuple(pieces), covered=covered)
 
-    def thumbnail(self, *, mpp: float, block: int = 1024) -> NDArray[np.uint8]:
-        """The whole slide at ``mpp`` µm/px, read in blocks so memory stays bounded."""
+    def thumbnail(self, *, mpp: float, block: int = 1024, workers: int = 1) -> NDArray[np.uint8]:
+        """The whole slide at ``mpp`` µm/px, read in ``block``² blocks so memory stays bounded.
+
+        Each block is read from the coarsest level at least as fine as ``mpp`` (:meth:`best_level`;
+        through the direct TIFF path where it serves that level). ``workers`` > 1 reads the blocks
+        in that many threads, each on its own :meth:`reopen` handle (decoding releases the GIL); the
+        pixels are the same for any number of workers.
+        """
+        if block <= 0:
+            raise ValueError(f"block must be positive, got {block}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         w0, h0 = self.dimensions
         scale = mpp / self.mpp
         tw, th = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         out = np.empty((th, tw, 3), dtype=np.uint8)
-        for y in range(0, th, block):
-            for x in range(0, tw, block):
-                bw, bh = min(block, tw - x), min(block, th - y)
-                out[y : y + bh, x : x + bw] = self.read_region((x * scale, y * scale), (bw, bh), mpp=mpp)
+        blocks = [(x, y) for y in range(0, th, block) for x in range(0, tw, block)]
+
+        def read(src: Slide, x: int, y: int) -> None:
+            bw, bh = min(block, tw - x), min(block, th - y)
+            src.read_region((x * scale, y * scale), (bw, bh), mpp=mpp, out=out[y : y + bh, x : x + bw])
+
+        if workers == 1 or len(blocks) == 1:
+            for x, y in blocks:
+                read(self, x, y)
+            return out
+        from concurrent.futures import ThreadPoolExecutor
+
+        local = threading.local()
+        handles: list[Slide] = []
+        handles_lock = threading.Lock()
+
+        def read_in_thread(xy: tuple[int, int]) -> None:
+            h: Slide | None = getattr(local, "slide", None)
+            if h is None:
+                h = self.reopen()
+                local.slide = h
+                with handles_lock:
+                    handles.append(h)
+            read(h, *xy)
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(workers, len(blocks)), thread_name_prefix="wsi-thumb") as ex:
+                for _ in ex.map(read_in_thread, blocks):
+                    pass
+        finally:
+            for h in handles:
+                h.close()
         return out
 
     def iter_levels(self) -> Iterator[tuple[int, tuple[int, int], float, float]]:

@@ -176,11 +176,14 @@ def detect_cell_regions(
     )
 
 
-def slide_cell_regions(slide: Any, settings: TissueSettings | None = None) -> CellRegions:
-    """Read a thumbnail of ``slide`` (a :class:`~wsi_screen.slide.Slide`) and detect cell regions."""
+def slide_cell_regions(slide: Any, settings: TissueSettings | None = None, *, workers: int = 1) -> CellRegions:
+    """Read a thumbnail of ``slide`` (a :class:`~wsi_screen.slide.Slide`) and detect cell regions.
+
+    ``workers``: reader threads for the thumbnail (:meth:`~wsi_screen.slide.Slide.thumbnail`).
+    """
     s = settings or TissueSettings()
     mpp = max(s.thumbnail_mpp, slide.mpp)
-    thumb = slide.thumbnail(mpp=mpp)
+    thumb = slide.thumbnail(mpp=mpp, workers=workers)
     regions = detect_cell_regions(thumb, mpp=mpp, settings=s)
     logger.info(
         "cell regions: %.2f mm² (%.1f %% of the slide), threshold OD %.3f",
