@@ -35,7 +35,8 @@ Stages (``--stages``, default all, in this order):
     the draws are negative; ``scratch-finetune``: the same second stage from ``scratch``). Test
     crops are never seen.
 ``evaluate``
-    Every variant on the test crops (``CellClassifier``, as in screening), at the review threshold
+    Every variant (and every ``--ensembles`` average of variants, ``a+b``) on the test crops
+    (``CellClassifier``, as in screening), at the review threshold
     chosen on validation (binary sensitivity ≥ 0.90): binary sensitivity/specificity, HSIL+ recall,
     per-class recall, NILM specificity per source, the 99th/99.9th percentile of NILM cell scores per
     source, with bootstrap 95 % intervals over cells. ``WORK/evaluate.json``.
@@ -471,19 +472,27 @@ def screening_figures(
 def stage_evaluate(args: argparse.Namespace, work: Path) -> None:
     val, test = _load(work, "val"), _load(work, "test")
     res: dict[str, Any] = {}
+    probs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for variant in args.variants:
         bundle = work / "bundles" / variant
-        if not (bundle / "bundle.json").is_file():
-            continue
-        pv = crop_probs(bundle, val)
-        ab = [CLASSES.index(c) for c in ABNORMAL]
+        if (bundle / "bundle.json").is_file():
+            probs[variant] = (crop_probs(bundle, val), crop_probs(bundle, test))
+    for spec in args.ensembles:  # "a+b": the members' probabilities averaged, as classification.models does
+        members = spec.split("+")
+        if all(m in probs for m in members):
+            probs[spec] = (
+                np.mean([probs[m][0] for m in members], axis=0),
+                np.mean([probs[m][1] for m in members], axis=0),
+            )
+    ab = [CLASSES.index(c) for c in ABNORMAL]
+    for variant, (pv, pt) in probs.items():
         t = threshold_for(pv[:, ab].sum(axis=1), np.isin(val.labels, ab), args.val_sensitivity)
         res[variant] = {
             "threshold_rule": (
                 f"largest abnormality score with validation binary sensitivity ≥ {args.val_sensitivity}"
             ),
             "val": screening_figures(pv, val.labels, val.sources, val.groups, t),
-            "test": screening_figures(crop_probs(bundle, test), test.labels, test.sources, test.groups, t),
+            "test": screening_figures(pt, test.labels, test.sources, test.groups, t),
         }
         logger.info(
             "%s: threshold %.4f; test %s", variant, t, json.dumps(res[variant]["test"], default=str)[:600]
@@ -577,10 +586,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", type=int, default=12, help="synthetic slides (artifact + synthetic cells)")
     p.add_argument("--synthetic-weight", type=float, default=0.3)
     p.add_argument("--localizer", default=None, help="localization bundle (default: the shipped default)")
+    p.add_argument("--variants", nargs="+", default=["init", "finetune"], choices=list(VARIANTS))
     p.add_argument(
-        "--variants", nargs="+", default=["init", "finetune"], choices=list(VARIANTS)
+        "--ensembles",
+        nargs="*",
+        default=[],
+        help="evaluate: averaged variants, e.g. finetune+scratch-finetune",
     )
-    p.add_argument("--negative-weight", type=float, default=3.0, help="second stage: NILM/organism draw weight")
+    p.add_argument(
+        "--negative-weight", type=float, default=3.0, help="second stage: NILM/organism draw weight"
+    )
     p.add_argument("--arch", default="mobilenetv3_small_100")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--samples-per-epoch", type=int, default=None)

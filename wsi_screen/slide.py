@@ -1035,7 +1035,9 @@ class Slide:
             read(h, *xy)
 
         try:
-            with ThreadPoolExecutor(max_workers=min(workers, len(blocks)), thread_name_prefix="wsi-thumb") as ex:
+            with ThreadPoolExecutor(
+                max_workers=min(workers, len(blocks)), thread_name_prefix="wsi-thumb"
+            ) as ex:
                 for _ in ex.map(read_in_thread, blocks):
                     pass
         finally:

@@ -176,7 +176,9 @@ def detect_cell_regions(
     )
 
 
-def slide_cell_regions(slide: Any, settings: TissueSettings | None = None, *, workers: int = 1) -> CellRegions:
+def slide_cell_regions(
+    slide: Any, settings: TissueSettings | None = None, *, workers: int = 1
+) -> CellRegions:
     """Read a thumbnail of ``slide`` (a :class:`~wsi_screen.slide.Slide`) and detect cell regions.
 
     ``workers``: reader threads for the thumbnail (:meth:`~wsi_screen.slide.Slide.thumbnail`).
