@@ -19,7 +19,8 @@ profit here.
 - ``herlev``: every Herlev cell of the part (coarse expert masks; nuclei labelled by class);
 - ``cells``: every Herlev cell and ``lbc-cells`` crop of the part (foreground masks), with cell
   footprints (``cells``) labelled by bundle class (``cell_kind``: ``herlev-bethesda``,
-  ``lbc-cells-bethesda``) for the classifier's end-to-end figures;
+  ``lbc-cells-bethesda``; Herlev's normal cells as ``NILM squamous`` or ``NILM columnar``) for the
+  classifier's end-to-end figures;
 - ``lbc``: the part's LBC fields (0.75 µm/px, estimated) resampled ×3, letterbox and black corners
   as they are, in a mosaic with glass between fields;
 - ``cnseg``: the part's CNSeg fields (0.33 µm/px, estimated) resampled, in a mosaic;
@@ -168,8 +169,17 @@ def cells_slide(
     cells += load_labelled_cells(
         data, "lbc_cells", split_names(manifest, "lbc_cells", part), load_class_map("lbc-cells-bethesda")
     )
-    items = [(c.rgb, c.label, c.klass, c.mpp) for c in cells]
+    items = [(c.rgb, c.label, _cell_kind(c), c.mpp) for c in cells]
     return lattice_slide(items, seed)
+
+
+def _cell_kind(cell: Any) -> str:
+    """A cell's bundle class; Herlev's normal cells as ``NILM squamous`` or ``NILM columnar``
+    (the classifier's per-source bar is on NILM squamous cells)."""
+    if cell.source == "herlev" and cell.klass == "NILM":
+        folder = cell.name.split("/", 1)[0]
+        return "NILM columnar" if folder == "normal_columnar" else "NILM squamous"
+    return str(cell.klass)
 
 
 def mosaic_slide(
