@@ -64,6 +64,7 @@ DEFAULT_WSINFER_PYTHON = Path("/tmp/wsinfer-venv/bin/python")
 #: Every figure the harness must produce (``--quick`` asserts them; tests check the JSON against this).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "raw_decode": ("tiles", "megapixels", "workers", "seconds", "mp_per_s"),
+    "device_decode": ("tiles", "megapixels", "device", "seconds", "mp_per_s", "decoder"),
     "reader": ("mp_per_s", "window_mp_per_s", "tiles_per_s", "seconds", "decodes", "ratio_to_raw"),
     "stages": ("read", "assemble", "normalize", "localize", "crop", "classify", "write"),
     "end_to_end": (
@@ -261,6 +262,45 @@ def bench_raw_decode(
         "mp_per_s": _rate(mp, sec),
         "mp_per_s_best": _rate(mp, min(times)),
         "decoder": "imagecodecs.jpeg8_decode (libjpeg-turbo), ThreadPoolExecutor",
+    }
+
+
+def bench_device_decode(
+    path: Path, level: int, indices: Sequence[int], device: Any, repeats: int, *, batch: int = 256
+) -> dict[str, Any]:
+    """Batched decode of the same tiles with torchvision (``wsi_screen.jpeg_decode``): nvJPEG on
+    CUDA — the GPU decode limit next to the CPU one —, libjpeg-turbo in one thread elsewhere.
+    Streams are read (and made self-contained) beforehand; each batch ends on the device."""
+    from wsi_screen.jpeg_decode import decode_streams, decoder_name
+    from wsi_screen.slide import open_slide
+
+    with open_slide(path) as slide:
+        tw, th, _, _ = slide.tile_layout(level)
+        streams = slide.jpeg_tile_streams(level, indices)
+    chunks = [streams[i : i + batch] for i in range(0, len(streams), batch)]
+
+    def decode_all() -> None:
+        for chunk in chunks:
+            decode_streams(chunk, device=device, tile_size=(tw, th))
+        _sync(device)
+
+    decode_all()  # warm-up (nvJPEG handles, allocator)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        decode_all()
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    mp = len(indices) * tw * th / 1e6
+    return {
+        "tiles": len(indices),
+        "megapixels": round(mp, 3),
+        "batch": batch,
+        "device": str(device),
+        "seconds": round(sec, 4),
+        "seconds_all": [round(t, 4) for t in times],
+        "mp_per_s": _rate(mp, sec),
+        "decoder": decoder_name(device),
     }
 
 
@@ -913,6 +953,13 @@ def markdown(r: dict[str, Any]) -> str:
         f"{_fmt(raw['mp_per_s'])} MP/s",
         f"{raw['tiles']} tiles, median of {len(raw['seconds_all'])}",
     )
+    dd = r.get("device_decode")
+    if dd:
+        row(
+            f"batched JPEG decode on `{dd['device']}` ({dd['decoder']}, batches of {dd['batch']})",
+            f"{_fmt(dd['mp_per_s'])} MP/s",
+            f"{dd['tiles']} tiles, median of {len(dd['seconds_all'])}; not yet used by the pipeline",
+        )
     for key, label in (
         ("direct", "direct TIFF path, as the pipeline reads (decoded tiles)"),
         ("direct-windows", "direct TIFF path, threads assembling windows"),
@@ -1164,6 +1211,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     raw = bench_raw_decode(slide_path, page, indices, workers, max(args.repeats, 3))
     report["raw_decode"] = raw
     slide_mp = raw["megapixels"]
+    print(f"[benchmark] batched decode on {device} (torchvision)", flush=True)
+    report["device_decode"] = bench_device_decode(slide_path, level, indices, device, max(args.repeats, 3))
 
     # The readers take the tiles in the pipeline's order: cache-sized bands on a wide slide.
     read_order = cache_order(tiles, band_cols=band_columns(grid, DEFAULT_CACHE_BYTES))

@@ -37,6 +37,8 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
 
     raw = on_disk["raw_decode"]
     assert raw["tiles"] > 0 and _positive(raw["mp_per_s"])
+    dd = on_disk["device_decode"]
+    assert dd["tiles"] == raw["tiles"] and _positive(dd["mp_per_s"])
     assert set(on_disk["readers"]) == {"direct", "direct-windows", "openslide", "tiffslide"}
     for variant, r in on_disk["readers"].items():
         for key in ("mp_per_s", "window_mp_per_s", "ratio_to_raw"):

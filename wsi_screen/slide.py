@@ -260,7 +260,8 @@ def _parse_float(value: object) -> float | None:
 # -- direct TIFF tile reading ---------------------------------------------------------------------
 
 #: TIFF compressions the direct path decodes itself (none, JPEG: libjpeg-turbo via imagecodecs).
-_DIRECT_COMPRESSIONS = frozenset({1, 7})
+_JPEG_COMPRESSION = 7
+_DIRECT_COMPRESSIONS = frozenset({1, _JPEG_COMPRESSION})
 _PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
 
 
@@ -356,6 +357,8 @@ class _DirectLevel:
     counts: NDArray[np.int64]
     jpegtables: bytes | None
     decode: Callable[..., Any] = field(repr=False)
+    compression: int = 0
+    photometric: int = 0
 
 
 class _DirectTiff:
@@ -407,6 +410,8 @@ class _DirectTiff:
                         counts=np.asarray(p.databytecounts, np.int64),
                         jpegtables=p.jpegtables,
                         decode=p.decode,
+                        compression=int(p.compression),
+                        photometric=int(p.photometric),
                     )
         except Exception as exc:  # tifffile raises many types; the backend then reads everything
             logger.debug("direct TIFF reading unavailable for %s: %s", path.name, one_line(exc))
@@ -465,13 +470,20 @@ class _DirectTiff:
             tile = self.cache.get(keys[i], partial(self._decode, lv, places[i][0]))
             use(tile, places[i][1], places[i][2])
 
-    def _decode(self, lv: _DirectLevel, idx: int) -> NDArray[np.uint8]:
+    def raw_tile(self, lv: _DirectLevel, idx: int) -> bytes | None:
+        """The tile's bytes as stored (None: a tile the scanner never wrote)."""
         n, off = int(lv.counts[idx]), int(lv.offsets[idx])
-        if n == 0:  # a tile the scanner never wrote: empty glass
-            return np.full((lv.tile_h, lv.tile_w, 3), _WHITE, np.uint8)
+        if n == 0:
+            return None
         data = os.pread(self._fd, n, off)
         if len(data) != n:
             raise CorruptTileError(f"tile {idx}: {len(data)} of {n} bytes present (truncated file)")
+        return data
+
+    def _decode(self, lv: _DirectLevel, idx: int) -> NDArray[np.uint8]:
+        data = self.raw_tile(lv, idx)
+        if data is None:  # a tile the scanner never wrote: empty glass
+            return np.full((lv.tile_h, lv.tile_w, 3), _WHITE, np.uint8)
         arr = np.asarray(lv.decode(data, idx, jpegtables=lv.jpegtables)[0])
         if arr.ndim == 4:
             arr = arr[0]
@@ -656,6 +668,50 @@ class Slide:
     def direct_levels(self) -> tuple[int, ...]:
         """Pyramid levels read directly from the TIFF tiles (the rest go through the backend)."""
         return tuple(sorted(self._direct.levels)) if self._direct is not None else ()
+
+    def jpeg_tile_streams(self, level: int, indices: Sequence[int]) -> list[bytes | None]:
+        """Self-contained JPEG streams of tiles of a JPEG level read directly from the TIFF.
+
+        ``indices`` count tiles row by row (``row * tiles_across + col``, :meth:`tile_layout`).
+        Each stream carries the level's tables and, for RGB-coded tiles, says so
+        (:func:`wsi_screen.jpeg_decode.tile_stream`); None is a tile the scanner never wrote.
+
+        Raises:
+            ValueError: the level is not read directly, or not JPEG-compressed, or an index is out
+                of range.
+        """
+        from wsi_screen.jpeg_decode import tile_stream
+
+        lv = self._jpeg_level(level)
+        n = len(lv.offsets)
+        out: list[bytes | None] = []
+        for idx in indices:
+            if not 0 <= int(idx) < n:
+                raise ValueError(f"tile index {idx} out of range 0..{n - 1} at level {level}")
+            data = self._direct.raw_tile(lv, int(idx)) if self._direct is not None else None
+            out.append(None if data is None else tile_stream(data, lv.jpegtables, photometric=lv.photometric))
+        return out
+
+    def tile_layout(self, level: int) -> tuple[int, int, int, int]:
+        """(tile width, tile height, tiles across, tiles down) of a level read directly."""
+        lv = self._direct_level(level)
+        return lv.tile_w, lv.tile_h, lv.tiles_across, math.ceil(lv.height / lv.tile_h)
+
+    def _direct_level(self, level: int) -> _DirectLevel:
+        if self._direct is None or level not in self._direct.levels:
+            raise ValueError(
+                f"{self.path.name}: level {level} is not read directly from TIFF tiles "
+                f"(direct levels: {list(self.direct_levels) or 'none'})"
+            )
+        return self._direct.levels[level]
+
+    def _jpeg_level(self, level: int) -> _DirectLevel:
+        lv = self._direct_level(level)
+        if lv.compression != _JPEG_COMPRESSION:
+            raise ValueError(
+                f"{self.path.name}: level {level} is not JPEG-compressed (TIFF compression {lv.compression})"
+            )
+        return lv
 
     def cache_stats(self) -> dict[str, int]:
         """Hits and misses (= tile decodes) of the direct tile cache shared by this slide's handles."""
