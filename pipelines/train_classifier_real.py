@@ -562,27 +562,37 @@ def stage_ship(args: argparse.Namespace, work: Path) -> None:
         "val": ev["val"],
         "test": ev["test"],
     }
-    if args.ship in FINETUNE_FROM:  # record the first stage (its init is a path in WORK, not a bundle name)
+    if (
+        args.ship in FINETUNE_FROM
+    ):  # record the earlier stages (the init is a path in WORK, not a bundle name)
         start = FINETUNE_FROM[args.ship]
         first = json.loads((work / "bundles" / start / CONFIG_NAME).read_text())
-        cfg["training"]["stages"] = [
-            {
-                "stage": (
-                    "init: synthetic pre-training (from cyto-synth-v1), class-balanced draws"
-                    if start == "init"
-                    else "scratch: random initialisation, class-balanced draws"
-                ),
-                "recipe": first["training"]["recipe"],
-                "best_epoch": first["training"].get("best_epoch"),
-                "train_seconds": first["training"].get("train_seconds"),
-            },
-            {
-                "stage": f"{args.ship}: from the first stage, NILM and organism drawn "
-                f"{args.negative_weight} × as often",
-                "recipe": cfg["training"]["recipe"],
-            },
-        ]
-        cfg["training"]["recipe"] = {**cfg["training"]["recipe"], "init": "stage 1 (training.stages[0])"}
+        if "stages" in first["training"]:  # a third stage: the earlier ones as that bundle records them
+            earlier = list(first["training"]["stages"])
+            this = (
+                f"{args.ship}: from {first['name']} (the stages above), lr 5e-4, NILM and organism drawn "
+                f"{args.negative_weight} × and Herlev normal columnar cells a further "
+                f"{args.columnar_weight} × as often"
+            )
+            init = f"{first['name']} (training.stages)"
+        else:
+            earlier = [
+                {
+                    "stage": (
+                        "init: synthetic pre-training (from cyto-synth-v1), class-balanced draws"
+                        if start == "init"
+                        else "scratch: random initialisation, class-balanced draws"
+                    ),
+                    "recipe": first["training"]["recipe"],
+                    "best_epoch": first["training"].get("best_epoch"),
+                    "train_seconds": first["training"].get("train_seconds"),
+                }
+            ]
+            this = f"{args.ship}: from the first stage, NILM and organism drawn "
+            this += f"{args.negative_weight} × as often"
+            init = "stage 1 (training.stages[0])"
+        cfg["training"]["stages"] = [*earlier, {"stage": this, "recipe": cfg["training"]["recipe"]}]
+        cfg["training"]["recipe"] = {**cfg["training"]["recipe"], "init": init}
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.train"))
