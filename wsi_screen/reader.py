@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from wsi_screen.buffers import BufferPool
 from wsi_screen.errors import CorruptTileError
-from wsi_screen.slide import RegionParts, Slide
+from wsi_screen.slide import RegionParts, Slide, ThreadHandles
 from wsi_screen.tiling import Tile, TileGrid
 
 __all__ = ["ReaderStats", "WindowRead", "band_columns", "cache_order", "iter_windows"]
@@ -121,18 +121,8 @@ def iter_windows(
     buffers = BufferPool(2 * prefetch + 64 if pool is None else pool)
     stats = stats if stats is not None else ReaderStats()
     stats.workers = workers
-    local = threading.local()
-    handles: list[Slide] = []
-    handles_lock = threading.Lock()
-
-    def handle() -> Slide:
-        h: Slide | None = getattr(local, "slide", None)
-        if h is None:
-            h = slide.reopen()
-            local.slide = h
-            with handles_lock:
-                handles.append(h)
-        return h
+    handles = ThreadHandles(slide)
+    handle = handles.get
 
     def read(tile: Tile) -> WindowRead:
         t0 = time.perf_counter()
@@ -173,8 +163,7 @@ def iter_windows(
         for f in pending:
             f.cancel()
         stats.wall_s = time.perf_counter() - start
-        for h in handles:
-            h.close()
+        handles.close()
 
 
 #: Bytes per cached pixel assumed when sizing bands (OpenSlide caches ARGB; the direct path RGB).

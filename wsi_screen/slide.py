@@ -1077,18 +1077,10 @@ class Slide:
             return out
         from concurrent.futures import ThreadPoolExecutor
 
-        local = threading.local()
-        handles: list[Slide] = []
-        handles_lock = threading.Lock()
+        handles = ThreadHandles(self)
 
         def read_in_thread(xy: tuple[int, int]) -> None:
-            h: Slide | None = getattr(local, "slide", None)
-            if h is None:
-                h = self.reopen()
-                local.slide = h
-                with handles_lock:
-                    handles.append(h)
-            read(h, *xy)
+            read(handles.get(), *xy)
 
         try:
             with ThreadPoolExecutor(
@@ -1097,8 +1089,7 @@ class Slide:
                 for _ in ex.map(read_in_thread, blocks):
                     pass
         finally:
-            for h in handles:
-                h.close()
+            handles.close()
         return out
 
     def iter_levels(self) -> Iterator[tuple[int, tuple[int, int], float, float]]:
@@ -1107,6 +1098,33 @@ class Slide:
             zip(self.info.level_dimensions, self.info.level_downsamples, strict=True)
         ):
             yield i, dims, ds, ds * self.mpp
+
+
+class ThreadHandles:
+    """One :meth:`Slide.reopen` handle of a slide per thread that asks (for reader threads)."""
+
+    def __init__(self, slide: Slide) -> None:
+        self._slide = slide
+        self._local = threading.local()
+        self._handles: list[Slide] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Slide:
+        """This thread's handle, opened on first use."""
+        h: Slide | None = getattr(self._local, "slide", None)
+        if h is None:
+            h = self._slide.reopen()
+            self._local.slide = h
+            with self._lock:
+                self._handles.append(h)
+        return h
+
+    def close(self) -> None:
+        """Close every handle opened so far."""
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for h in handles:
+            h.close()
 
 
 def _check_out(out: NDArray[np.uint8] | None, w: int, h: int) -> None:
