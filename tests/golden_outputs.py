@@ -24,7 +24,9 @@ that sit far below any change of behaviour:
   probabilistic bound for the classifier's dot products is ~10⁻⁵, docs/testing.md), within 0.15
   where a centre crossed an integer (the crop moved by one pixel);
 - JSON numbers within 10⁻³ absolute or relative (they are rounded to ≤ 4 decimals and derive
-  from the probabilities), every other JSON value equal.
+  from the probabilities), morphometrics in JSON (a summary's top cells) within the arrays' 3 %
+  (a cell area of 97.0 against 97.25 µm² was seen on an AMD EPYC: one boundary pixel of the cell
+  channel), every other JSON value equal.
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def _json_diff(a: Any, b: Any, where: str, *, exact: bool, out: list[str]) -> No
         and not isinstance(a, bool)
         and isinstance(a, float) | isinstance(b, float)
     ):
-        if not math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3):
+        # Morphometrics (a summary's top cells) get the arrays' bound: one flipped boundary pixel.
+        rel = 0.03 if ".morphometrics." in where else 1e-3
+        if not math.isclose(a, b, rel_tol=rel, abs_tol=1e-3):
             out.append(f"{where}: {a!r}, expected {b!r}")
     elif a != b:
         out.append(f"{where}: {a!r}, expected {b!r}")
