@@ -1174,7 +1174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["models"] = model_note
     models = load_models(settings, device=device)
     with open_slide(slide_path, backend=settings.slide.backend) as slide:
-        regions = slide_cell_regions(slide, settings.tissue, workers=settings.reading.workers or cpu_count())
+        regions = slide_cell_regions(slide, settings.tissue, workers=settings.reading.threads)
         grid = make_grid(
             slide.dimensions,
             slide_mpp=slide.mpp,

@@ -90,6 +90,13 @@ class ReadingSettings(_Section):
     queue_tiles: int = Field(16, ge=1, le=4096, description="tiles in flight between reader and device")
     max_unreadable_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail slide above this")
 
+    @property
+    def threads(self) -> int:
+        """Reader threads to start: ``workers``, or one per CPU core this process may use."""
+        from wsi_screen.runtime import cpu_count
+
+        return self.workers or cpu_count()
+
 
 class StainSettings(_Section):
     """Reinhard normalization (target statistics come from the model bundle)."""

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ADOBE_RGB", "decode_streams", "decoder_name", "tile_stream"]
+__all__ = [
+    "ADOBE_RGB",
+    "PHOTOMETRIC_RGB",
+    "PHOTOMETRIC_YCBCR",
+    "decode_streams",
+    "decoder_name",
+    "tile_stream",
+]
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"

@@ -43,7 +43,6 @@ from wsi_screen.models.loaded import (
     load_models,
     resolve_flag_threshold,
 )
-from wsi_screen.runtime import cpu_count
 from wsi_screen.slide import Slide, open_slide
 from wsi_screen.slide_stain import SlideStain, estimate_source, estimate_source_stats, slide_stain
 from wsi_screen.tile_loop import ProgressCallback, TileLoopResult
@@ -130,7 +129,7 @@ def cell_regions_and_grid(
     """The slide's cell regions (``tissue``) and its tile grid at ``grid_mpp`` over them (``tiling``)."""
     from wsi_screen.tissue import slide_cell_regions
 
-    regions = slide_cell_regions(slide, settings.tissue, workers=settings.reading.workers or cpu_count())
+    regions = slide_cell_regions(slide, settings.tissue, workers=settings.reading.threads)
     grid = make_grid(
         slide.dimensions,
         slide_mpp=slide.mpp,

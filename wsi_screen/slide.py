@@ -38,6 +38,7 @@ from wsi_screen.errors import (
     WsiScreenError,
     one_line,
 )
+from wsi_screen.jpeg_decode import PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR
 
 __all__ = [
     "BACKENDS",
@@ -262,7 +263,6 @@ def _parse_float(value: object) -> float | None:
 #: TIFF compressions the direct path decodes itself (none, JPEG: libjpeg-turbo via imagecodecs).
 _JPEG_COMPRESSION = 7
 _DIRECT_COMPRESSIONS = frozenset({1, _JPEG_COMPRESSION})
-_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
 
 
 class _TileCache:
@@ -356,9 +356,9 @@ class _DirectLevel:
     offsets: NDArray[np.int64]
     counts: NDArray[np.int64]
     jpegtables: bytes | None
+    compression: int
+    photometric: int
     decode: Callable[..., Any] = field(repr=False)
-    compression: int = 0
-    photometric: int = 0
 
 
 class _DirectTiff:
@@ -513,7 +513,7 @@ def _direct_eligible(page: Any, file_size: int) -> bool:
     n_down = math.ceil(int(page.imagelength) / int(page.tilelength))
     return bool(
         int(page.compression) in _DIRECT_COMPRESSIONS
-        and int(page.photometric) in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
+        and int(page.photometric) in (PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR)
         and int(page.samplesperpixel) == 3
         and int(page.bitspersample) == 8
         and int(page.planarconfig) == 1

@@ -76,7 +76,6 @@ def run_tiles(
     ``cells.zarr`` there (with ``class_names``, ``abnormal_classes`` and root ``attrs``), closed
     complete with the tile records at the end. Nothing is written without ``store_path``.
     """
-    from wsi_screen.runtime import cpu_count
     from wsi_screen.store import TILE_DONE, TILE_SKIPPED, TILE_UNREADABLE, CellStoreWriter
 
     # In bands as wide as the slide reader's tile cache allows (row-major on all but very wide slides).
@@ -86,7 +85,7 @@ def run_tiles(
     status = np.full(grid.n_tiles, TILE_SKIPPED, np.uint8)
     focus = [float("nan")] * grid.n_tiles
     n_tile_cells = np.zeros(grid.n_tiles, np.int64)
-    workers = settings.reading.workers or cpu_count()
+    workers = settings.reading.threads
     batch_tiles = max(1, settings.localization.batch_size)
     reader_stats = ReaderStats()
     device_busy = 0.0

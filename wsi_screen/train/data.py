@@ -938,7 +938,6 @@ def crops_from_slide(
     from wsi_screen.device_stage import DARK_FILL_RGB
     from wsi_screen.pipeline import prepare_slide
     from wsi_screen.reader import iter_windows
-    from wsi_screen.runtime import cpu_count
     from wsi_screen.slide import open_slide
     from wsi_screen.stain import dark_region_mask, reinhard
 
@@ -957,7 +956,7 @@ def crops_from_slide(
         tiles = [grid.tile(t // grid.cols, t % grid.cols) for t in wanted]
         out = np.zeros((int(inside.sum()), size, size, 3 if localizer is None else 4), np.uint8)
         pos = np.cumsum(inside) - 1
-        workers = s.reading.workers or cpu_count()
+        workers = s.reading.threads
         for read in iter_windows(slide, tiles, mpp=grid.mpp, workers=workers, prefetch=s.reading.queue_tiles):
             if read.window is None:
                 raise DataError(f"{Path(slide_path).name}: tile {read.tile.index} unreadable ({read.error})")
