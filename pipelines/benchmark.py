@@ -320,11 +320,13 @@ def bench_reader(
     repeats: int,
     slide_mp: float,
     raw_mp_per_s: float,
+    jpeg_device: Any = None,
 ) -> dict[str, Any]:
     """``iter_windows`` over ``tiles`` with a fresh slide (cold tile cache) per repeat.
 
     ``assemble``: the reader threads paste whole windows (else they deliver the decoded tiles under
-    each window, as the pipeline reads, and the consumer here drops them).
+    each window, as the pipeline reads, and the consumer here drops them). ``jpeg_device``: the
+    threads decode each window's tiles in one batch there (``Slide.set_jpeg_device``; nvJPEG on CUDA).
     """
     from wsi_screen.reader import ReaderStats, iter_windows
     from wsi_screen.slide import Slide
@@ -332,6 +334,7 @@ def bench_reader(
     runs = []
     for _ in range(max(1, repeats)):
         with Slide(path, backend=backend, direct=direct) as slide:  # type: ignore[arg-type]
+            slide.set_jpeg_device(jpeg_device)
             stats = ReaderStats()
             t0 = time.perf_counter()
             n = 0
@@ -347,6 +350,7 @@ def bench_reader(
     return {
         "backend": backend,
         "direct": bool(direct and levels),
+        "jpeg_device": None if jpeg_device is None else str(jpeg_device),
         "assembled_windows": assemble,
         "workers": workers,
         "tiles": len(tiles),
@@ -958,10 +962,12 @@ def markdown(r: dict[str, Any]) -> str:
         row(
             f"batched JPEG decode on `{dd['device']}` ({dd['decoder']}, batches of {dd['batch']})",
             f"{_fmt(dd['mp_per_s'])} MP/s",
-            f"{dd['tiles']} tiles, median of {len(dd['seconds_all'])}; not yet used by the pipeline",
+            f"{dd['tiles']} tiles, median of {len(dd['seconds_all'])}; the pipeline's reader uses it on "
+            "CUDA (`reading.jpeg_decoder`, row `direct-device`)",
         )
     for key, label in (
-        ("direct", "direct TIFF path, as the pipeline reads (decoded tiles)"),
+        ("direct", "direct TIFF path, as the pipeline reads on the CPU (decoded tiles)"),
+        ("direct-device", "direct TIFF path, each window's tiles decoded in one batch on the device"),
         ("direct-windows", "direct TIFF path, threads assembling windows"),
         ("openslide", "OpenSlide"),
         ("tiffslide", "tiffslide"),
@@ -1109,7 +1115,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         default="direct,direct-windows,openslide,tiffslide",
-        help="reader variants to time (direct: as the pipeline reads; direct-windows: threads paste windows)",
+        help="reader variants to time (direct: as the pipeline reads on the CPU; direct-device: the same "
+        "with each window's tiles decoded in one batch on --device, added on CUDA; direct-windows: "
+        "threads paste windows)",
     )
     p.add_argument(
         "--reader-only", action="store_true", help="only the raw decode and the readers (steps 1-3)"
@@ -1138,6 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
+    from wsi_screen.jpeg_decode import resolve_jpeg_device
     from wsi_screen.pipeline import load_models
     from wsi_screen.reader import band_columns, cache_order
     from wsi_screen.runtime import configure_torch, cpu_count, limit_heap_growth, resolve_device
@@ -1202,6 +1211,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "localize_batch": settings.localization.batch_size,
         "candidate_workers": models.localizer.candidate_workers,
         "candidate_path": models.localizer.candidate_path,
+        "jpeg_decoder": str(
+            resolve_jpeg_device(settings.reading.jpeg_decoder, device) or "cpu (reader threads)"
+        ),
         "classify_batch": settings.classification.batch_size,
         "heap_tuning": heap_tuning,
     }
@@ -1217,8 +1229,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # The readers take the tiles in the pipeline's order: cache-sized bands on a wide slide.
     read_order = cache_order(tiles, band_cols=band_columns(grid, DEFAULT_CACHE_BYTES))
     readers: dict[str, Any] = {}
-    for variant in [v.strip() for v in args.backends.split(",") if v.strip()]:
-        direct = variant in ("direct", "direct-windows")
+    variants = [v.strip() for v in args.backends.split(",") if v.strip()]
+    if device.type == "cuda" and "direct-device" not in variants:
+        variants.insert(1, "direct-device")  # the pipeline's reader with nvJPEG (reading.jpeg_decoder)
+    for variant in variants:
+        direct = variant in ("direct", "direct-windows", "direct-device")
         backend = settings.slide.backend if direct else variant
         print(f"[benchmark] reader: {variant}", flush=True)
         readers[variant] = bench_reader(
@@ -1233,6 +1248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             repeats=args.repeats,
             slide_mp=slide_mp,
             raw_mp_per_s=raw["mp_per_s"],
+            jpeg_device=device if variant == "direct-device" else None,
         )
     report["readers"] = readers
     report["reader"] = readers.get("direct") or next(iter(readers.values()))

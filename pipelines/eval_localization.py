@@ -464,13 +464,29 @@ def score_slide(
     }
 
 
+def _herlev_groups(row: dict[str, Any]) -> dict[str, Any]:
+    """Herlev recall pooled into the issue's groups (the three normal classes together)."""
+    from wsi_screen.metrics import wilson_interval
+
+    pooled = {}
+    for g, members in HERLEV_GROUPS.items():
+        k = sum(row["recall_by_kind"].get(m, {}).get("found", 0) for m in members)
+        n = sum(row["recall_by_kind"].get(m, {}).get("nuclei", 0) for m in members)
+        pooled[g] = {
+            "found": k,
+            "nuclei": n,
+            "recall": k / n if n else None,
+            "wilson95": wilson_interval(k, n),
+        }
+    return pooled
+
+
 def eval_real(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Real-cell slides of one split part (pipelines/real_slides.py) through ``run_slide``, defaults."""
     sys.path.insert(0, str(ROOT / "pipelines"))
     import real_slides
 
     from wsi_screen.config import load_settings
-    from wsi_screen.metrics import wilson_interval
     from wsi_screen.pipeline import load_models, run_slide
 
     slides_dir = args.real_slides or work / "real-slides"
@@ -493,17 +509,18 @@ def eval_real(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         row.pop("found")
         row["seconds"] = round(time.perf_counter() - t0, 1)
         if kind == "herlev":
-            pooled = {}
-            for g, members in HERLEV_GROUPS.items():
-                k = sum(row["recall_by_kind"].get(m, {}).get("found", 0) for m in members)
-                n = sum(row["recall_by_kind"].get(m, {}).get("nuclei", 0) for m in members)
-                pooled[g] = {
-                    "found": k,
-                    "nuclei": n,
-                    "recall": k / n if n else None,
-                    "wilson95": wilson_interval(k, n),
-                }
-            row["recall_by_group"] = pooled
+            row["recall_by_group"] = _herlev_groups(row)
+        if args.floors:  # what each detection floor would keep of the same run (choose it on val)
+            row["floors"] = {}
+            for floor in args.floors:
+                fr = score_slide(
+                    res.out_dir / "cells.zarr", path.with_suffix(".truth.npz"), min_detection_score=floor
+                )
+                fr.pop("found")
+                entry = {k: fr[k] for k in ("recall", "precision", "tp", "detections")}
+                if kind == "herlev":
+                    entry["recall_by_group"] = _herlev_groups(fr)
+                row["floors"][f"{floor:g}"] = entry
         out[kind] = row
         print(
             f"  real {kind} ({args.real_part}): recall {row['recall']:.3f}, precision "
@@ -550,6 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--real-part", choices=["val", "test"], default="test")
     p.add_argument("--real-slides", type=Path, default=None, help="folder of built real slides (reused)")
+    p.add_argument(
+        "--floors",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also score the real slides as if only detections with mean nucleus probability ≥ each "
+        "floor were kept (localization.min_detection_score; choose it on --real-part val)",
+    )
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--manifest", type=Path, default=ROOT / "pipelines" / "splits" / "real.json")
     p.add_argument("--json", type=Path, default=None)

@@ -4,10 +4,11 @@
 #     bash pipelines/gpu_checks.sh OUT            # OUT: where the figures go (JSON + markdown)
 #
 # 1. the CUDA tests (marker gpu): torch candidates on CUDA equal the CPU's, nvJPEG within 2 grey
-#    levels of libjpeg-turbo on every shared JPEG slide, Reinhard on CUDA, the fast paths;
+#    levels of libjpeg-turbo on every shared JPEG slide (the decoder alone and the reader using it),
+#    Reinhard on CUDA, the fast paths;
 # 2. candidate extraction on the device against the CPU path (pipelines/bench_candidates.py);
 # 3. the decode limits: libjpeg-turbo threads against batched nvJPEG (benchmark --reader-only);
-# 4. the 20,000² slide end to end with the torch candidates and GPU batch sizes;
+# 4. the 20,000² slide end to end with the torch candidates, nvJPEG in the reader and GPU batch sizes;
 # 5. with WSI_GPU_LARGE=1 also the 70,000² (4.9-gigapixel) slide, the goal (it takes the
 #    longest: its synthesis alone is minutes).
 # Each step writes under OUT and a failing step does not stop the others; the exit status is the

@@ -23,6 +23,7 @@ exact image names of every part, the recipe and the command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=None, help="state file for checkpoint/resume")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
     p.add_argument("--time-budget-min", type=float, default=None, help="stop (resumable) after this long")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 2e-3)")
     p.add_argument("--init", default=None, help="start from this localization bundle's weights (fine-tune)")
     p.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from wsi_screen.train.unet import TrainingPaused, UNetRecipe, train_unet
 
     recipe = UNetRecipe(model_mpp=args.model_mpp, representation=args.representation)
+    if args.lr is not None:
+        recipe = dataclasses.replace(recipe, lr=args.lr)
     command = " ".join(["python pipelines/train_unet_real.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
     sources = build_sources(args, args.model_mpp)

@@ -149,3 +149,114 @@ def test_nvjpeg_matches_libjpeg_turbo(shared_slides: Path, ycbcr_pyramid: Path, 
     for level in (0, 1):
         ref, got = _direct_tiles(ycbcr_pyramid, level, cuda)
         _check_close(ref, got)
+
+
+# -- the reader decoding on the device (reading.jpeg_decoder) ----------------------------------------
+
+
+def _windows(path: Path, device: torch.device | None) -> tuple[list[np.ndarray], dict[str, int]]:
+    """Overlapping windows across tile borders and the slide's ragged edge, at every level."""
+    out = []
+    with open_slide(path) as s:
+        s.set_jpeg_device(device)
+        assert s.jpeg_device == device
+        for level, (w, h) in enumerate(s.level_dimensions):
+            mpp = s.mpp * s.level_downsamples[level]
+            ds = s.level_downsamples[level]
+            for x, y in ((0, 0), (w // 3, h // 4), (w - 200, h - 150), (w - 100, 10)):
+                out.append(s.read_region((int(x * ds), int(y * ds)), (300, 260), mpp=mpp))
+        # A region at another resolution (resampled from level 0), as the pipeline reads 0.5 µm/px slides.
+        out.append(s.read_region((17, 9), (256, 256), mpp=s.mpp / 2))
+        with s.reopen() as other:  # reopened handles share the tile cache, and so the decoder
+            assert other.jpeg_device == device
+        stats = s.cache_stats()
+    return out, stats
+
+
+@pytest.mark.parametrize("which", ["ycbcr", *SHARED_JPEG])
+def test_reader_decodes_on_the_device_as_on_the_cpu(
+    which: str, ycbcr_pyramid: Path, request: pytest.FixtureRequest
+) -> None:
+    """Batched decode (torchvision's libjpeg-turbo here; nvJPEG under the gpu marker) gives the
+    pixels of the one-tile-at-a-time path, and decodes each tile once as that path does."""
+    path = ycbcr_pyramid if which == "ycbcr" else request.getfixturevalue("shared_slides") / which
+    ref, ref_stats = _windows(path, None)
+    got, got_stats = _windows(path, torch.device("cpu"))
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got, strict=True):
+        if which == "ycbcr":
+            _check_close(a, b)  # 4:2:0 upsampling may differ in the last bit between builds
+        else:
+            np.testing.assert_array_equal(a, b)
+    assert got_stats["misses"] == ref_stats["misses"]
+
+
+def test_device_decode_falls_back_and_names_a_corrupt_tile(ycbcr_pyramid: Path, tmp_path: Path) -> None:
+    """A batch the device decoder rejects is decoded tile by tile on the CPU: the good tiles are
+    read, the bad one raises the reader's CorruptTileError naming the tile, as without the device."""
+    from wsi_screen.errors import CorruptTileError
+
+    bad = tmp_path / "bad.tiff"
+    data = bytearray(ycbcr_pyramid.read_bytes())
+    with tifffile.TiffFile(ycbcr_pyramid) as tif:
+        page = tif.pages[0]
+        assert isinstance(page, tifffile.TiffPage)
+        off, n = int(page.dataoffsets[5]), int(page.databytecounts[5])  # row 1, col 1
+    data[off + 2 : off + n] = b"\x00" * (n - 2)  # keep the SOI marker, destroy the rest
+    bad.write_bytes(bytes(data))
+    messages = []
+    for device in (None, torch.device("cpu")):
+        with open_slide(bad) as s:
+            s.set_jpeg_device(device)
+            fine = s.read_region((0, 0), (200, 200), mpp=s.mpp)  # tile 0 only
+            assert fine.shape == (200, 200, 3)
+            with pytest.raises(CorruptTileError) as info:
+                s.read_region((200, 200), (200, 200), mpp=s.mpp)  # tiles 0, 1, 4, 5
+            messages.append(str(info.value))
+            assert "\n" not in messages[-1]
+    assert messages[0] == messages[1]
+
+
+def test_resolve_jpeg_device() -> None:
+    from wsi_screen.errors import ConfigError
+    from wsi_screen.jpeg_decode import resolve_jpeg_device
+
+    cpu = torch.device("cpu")
+    assert resolve_jpeg_device("cpu", cpu) is None
+    assert resolve_jpeg_device("auto", cpu) is None  # off CUDA the reader threads' decode is faster
+    assert resolve_jpeg_device("device", cpu) == cpu
+    with pytest.raises(ConfigError, match=r"reading\.jpeg_decoder must be"):
+        resolve_jpeg_device("gpu", cpu)
+
+
+@pytest.mark.slow
+def test_run_with_device_decode_gives_the_same_cells(shared_slides: Path, tmp_path: Path) -> None:
+    """``wsi-screen run --set reading.jpeg_decoder=device`` on a real Aperio slide: the same cells."""
+    import zarr
+
+    from wsi_screen.cli.main import main
+
+    slide = shared_slides / "cmu-1-small-region.svs"
+    arrays = []
+    for choice in ("cpu", "device"):
+        out = tmp_path / choice
+        with pytest.raises(SystemExit) as done:
+            main(["run", str(slide), "-o", str(out), "--quiet", "--set", f"reading.jpeg_decoder={choice}"])
+        assert done.value.code in (0, None)
+        group = zarr.open_group(str(out / slide.stem / "cells.zarr"), mode="r")
+        arrays.append({k: np.asarray(group[f"cells/{k}"]) for k in ("x", "y", "probs")})
+    assert len(arrays[0]["x"]) > 100
+    for k in ("x", "y", "probs"):
+        np.testing.assert_array_equal(arrays[0][k], arrays[1][k])
+
+
+@pytest.mark.gpu
+def test_reader_on_cuda_within_the_bar(shared_slides: Path, ycbcr_pyramid: Path) -> None:
+    """The reader with nvJPEG: windows within 2 grey levels at most, 0.5 on average, of the CPU's."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for path in (ycbcr_pyramid, *(shared_slides / n for n in SHARED_JPEG)):
+        ref, _ = _windows(path, None)
+        got, _ = _windows(path, torch.device("cuda"))
+        for a, b in zip(ref, got, strict=True):
+            _check_close(a, b)

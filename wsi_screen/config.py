@@ -89,6 +89,15 @@ class ReadingSettings(_Section):
     workers: int = Field(0, ge=0, le=256, description="reader threads (0 = one per CPU core)")
     queue_tiles: int = Field(16, ge=1, le=4096, description="tiles in flight between reader and device")
     max_unreadable_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail slide above this")
+    jpeg_decoder: Literal["auto", "cpu", "device"] = Field(
+        "auto",
+        description=(
+            "where JPEG tiles of directly read TIFF levels (Aperio SVS, generic tiled TIFF) are decoded: "
+            "'cpu' (libjpeg-turbo, one tile at a time on the reader threads), 'device' (the tiles each "
+            "window needs in one batch on the models' device: nvJPEG on CUDA), 'auto' (device on CUDA "
+            "when nvJPEG works there, cpu elsewhere)"
+        ),
+    )
 
     @property
     def threads(self) -> int:

@@ -13,15 +13,19 @@ for RGB-coded tiles an Adobe APP14 segment with transform 0 ("no colour transfor
 uses through tifffile/imagecodecs, so the CPU result is identical to it, tested on every shared
 slide). :meth:`wsi_screen.slide.Slide.jpeg_tile_streams` reads the streams of a level's tiles.
 
-Not yet used by the screening pipeline, which decodes tiles on its reader threads: the GPU decode is
-measured by ``pipelines/benchmark.py --reader-only`` against the CPU decode limit (issue 16 item 2).
+The screening pipeline decodes on the device when ``reading.jpeg_decoder`` resolves to it
+(:func:`resolve_jpeg_device`; ``auto``: on CUDA): :meth:`wsi_screen.slide.Slide.set_jpeg_device`
+makes the direct TIFF reader decode all tiles a window needs that are not cached in one batch, and
+a batch the device rejects is decoded again on the CPU. ``pipelines/benchmark.py --reader-only``
+measures the device decode against the CPU decode limit (issue 16 item 2).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +36,13 @@ __all__ = [
     "PHOTOMETRIC_YCBCR",
     "decode_streams",
     "decoder_name",
+    "resolve_jpeg_device",
     "tile_stream",
 ]
+
+logger = logging.getLogger(__name__)
+
+JpegDecoder = Literal["auto", "cpu", "device"]
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -81,6 +90,51 @@ def tile_stream(data: bytes, jpegtables: bytes | None = None, *, photometric: in
             raise ValueError("JPEGTables is not a tables-only JPEG stream (SOI … EOI)")
         head += jpegtables[2:-2]
     return head + data[2:]
+
+
+def resolve_jpeg_device(choice: str, device: torch.device) -> torch.device | None:
+    """Where the reader decodes JPEG tiles for ``reading.jpeg_decoder = choice`` on a run whose
+    models are on ``device``: ``cpu`` → None (libjpeg-turbo on the reader threads, the default off
+    CUDA); ``device`` → ``device`` (nvJPEG on CUDA, torchvision's libjpeg-turbo elsewhere); ``auto``
+    → ``device`` on CUDA when nvJPEG decodes a test image there, else None (with a warning).
+
+    Raises:
+        ConfigError: ``choice`` is none of the three, or ``device`` was asked for and cannot decode.
+    """
+    from wsi_screen.errors import ConfigError
+
+    if choice not in ("auto", "cpu", "device"):
+        raise ConfigError(f"reading.jpeg_decoder must be 'auto', 'cpu' or 'device', got {choice!r}")
+    if choice == "cpu" or (choice == "auto" and device.type != "cuda"):
+        return None
+    problem = _decoder_problem(device)
+    if problem is None:
+        return device
+    if choice == "device":
+        raise ConfigError(
+            f"reading.jpeg_decoder=device: JPEG tiles cannot be decoded on {device} ({problem}); "
+            "use reading.jpeg_decoder=cpu"
+        )
+    logger.warning("JPEG tiles are decoded on the CPU: %s cannot decode them (%s)", device, problem)
+    return None
+
+
+def _decoder_problem(device: torch.device) -> str | None:
+    """Why :func:`decode_streams` cannot decode on ``device`` (None: a test image round-trips)."""
+    import torch
+
+    try:
+        from torchvision.io import encode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+            probe = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8), quality=90)
+        out = decode_streams([probe.numpy().tobytes()], device=device, tile_size=(16, 16))
+    except Exception as exc:  # torchvision built without nvJPEG, a driver error: say which
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}"
+    if int((out.float() - 128).abs().max()) > 2:
+        return "the test image decoded wrong"
+    return None
 
 
 def decoder_name(device: torch.device) -> str:

@@ -36,6 +36,7 @@ from wsi_screen.cells import CellTable
 from wsi_screen.config import Settings
 from wsi_screen.device_stage import DARK_FILL_RGB, BatchResult, TileProcessor, assemble_batch
 from wsi_screen.errors import CorruptSlideError
+from wsi_screen.jpeg_decode import decoder_name, resolve_jpeg_device
 from wsi_screen.models.loaded import (
     FALLBACK_FLAG_SCORE,
     ClassSpec,
@@ -224,6 +225,12 @@ def screen_open_slide(
 
     started = datetime.now(timezone.utc)
     timings = dict(timings or {})
+    jpeg_device = resolve_jpeg_device(settings.reading.jpeg_decoder, models.device)
+    if jpeg_device is not None and slide.jpeg_device != jpeg_device:
+        logger.info(
+            "%s: JPEG tiles decoded on %s (%s)", slide.path.name, jpeg_device, decoder_name(jpeg_device)
+        )
+    slide.set_jpeg_device(jpeg_device)
     prepared = prepare_slide(
         slide,
         settings,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -51,6 +51,9 @@ __all__ = [
     "open_slide",
     "resolve_slide_path",
 ]
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -378,6 +381,9 @@ class _DirectTiff:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._refs = 1
         self._lock = threading.Lock()
+        #: Where JPEG tiles are decoded in batches (:meth:`Slide.set_jpeg_device`); None: one by one
+        #: with libjpeg-turbo on the reading thread.
+        self.jpeg_device: torch.device | None = None
 
     @classmethod
     def probe(
@@ -455,17 +461,31 @@ class _DirectTiff:
         for i, tile in found:
             use(tile, places[i][1], places[i][2])
         busy: list[int] = []
+        batch = self.jpeg_device is not None and lv.compression == _JPEG_COMPRESSION
+        claimed: list[int] = []
         for i in reversed(missing):
             got = self.cache.acquire(keys[i])
             if isinstance(got, threading.Event):
                 busy.append(i)
                 continue
             if got is None:
+                if batch:  # decoded below, all of them in one call
+                    claimed.append(i)
+                    continue
                 try:
                     got = self._decode(lv, places[i][0])
                 finally:
                     self.cache.fulfil(keys[i], got)
             use(got, places[i][1], places[i][2])
+        if claimed:
+            decoded: list[NDArray[np.uint8] | None] = [None] * len(claimed)
+            try:
+                decoded = list(self._decode_batch(lv, [places[i][0] for i in claimed]))
+            finally:  # on an error every claimed tile is released (its waiters decode it themselves)
+                for i, arr in zip(claimed, decoded, strict=True):
+                    self.cache.fulfil(keys[i], arr)
+            for i, arr in zip(claimed, decoded, strict=True):
+                use(cast("NDArray[np.uint8]", arr), places[i][1], places[i][2])
         for i in busy:
             tile = self.cache.get(keys[i], partial(self._decode, lv, places[i][0]))
             use(tile, places[i][1], places[i][2])
@@ -479,6 +499,27 @@ class _DirectTiff:
         if len(data) != n:
             raise CorruptTileError(f"tile {idx}: {len(data)} of {n} bytes present (truncated file)")
         return data
+
+    def _decode_batch(self, lv: _DirectLevel, indices: Sequence[int]) -> list[NDArray[np.uint8]]:
+        """Decode JPEG tiles in one call on :attr:`jpeg_device` (nvJPEG on CUDA); a batch the
+        device decoder rejects is decoded again tile by tile on the CPU, which names a bad tile."""
+        from wsi_screen.jpeg_decode import decode_streams, tile_stream
+
+        device = self.jpeg_device
+        if device is None:
+            return [self._decode(lv, idx) for idx in indices]
+        streams: list[bytes | None] = []
+        for idx in indices:
+            data = self.raw_tile(lv, idx)
+            stream = None if data is None else tile_stream(data, lv.jpegtables, photometric=lv.photometric)
+            streams.append(stream)
+        try:
+            host = decode_streams(streams, device=device, tile_size=(lv.tile_w, lv.tile_h)).cpu().numpy()
+        except (RuntimeError, ValueError) as exc:
+            logger.debug("device decode failed (%s): %d tiles to the CPU", one_line(exc), len(indices))
+            return [self._decode(lv, idx) for idx in indices]
+        # One array per tile, so that the cache frees each tile's memory when it evicts it.
+        return [np.array(host[k]) for k in range(len(indices))]
 
     def _decode(self, lv: _DirectLevel, idx: int) -> NDArray[np.uint8]:
         data = self.raw_tile(lv, idx)
@@ -691,6 +732,21 @@ class Slide:
             data = self._direct.raw_tile(lv, int(idx)) if self._direct is not None else None
             out.append(None if data is None else tile_stream(data, lv.jpegtables, photometric=lv.photometric))
         return out
+
+    def set_jpeg_device(self, device: torch.device | None) -> None:
+        """Decode the JPEG tiles of directly read levels in batches on ``device`` from now on, for
+        this slide and every :meth:`reopen` handle (they share the tile cache): nvJPEG on a CUDA
+        device (:func:`wsi_screen.jpeg_decode.decode_streams`), torchvision's libjpeg-turbo
+        elsewhere. None: one tile at a time with libjpeg-turbo on the reading thread (the default).
+        The decoded tiles come back to host memory; levels read through the backend are unchanged.
+        """
+        if self._direct is not None:
+            self._direct.jpeg_device = device
+
+    @property
+    def jpeg_device(self) -> torch.device | None:
+        """Where JPEG tiles are decoded in batches (:meth:`set_jpeg_device`); None: on the CPU."""
+        return self._direct.jpeg_device if self._direct is not None else None
 
     def tile_layout(self, level: int) -> tuple[int, int, int, int]:
         """(tile width, tile height, tiles across, tiles down) of a level read directly."""
