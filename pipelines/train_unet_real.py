@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
     p.add_argument("--time-budget-min", type=float, default=None, help="stop (resumable) after this long")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 2e-3)")
+    p.add_argument(
+        "--glass-patches",
+        type=float,
+        default=0.0,
+        help="share of crops with a large region filled with dark-region glass (UNetRecipe.glass_patch_p)",
+    )
     p.add_argument("--init", default=None, help="start from this localization bundle's weights (fine-tune)")
     p.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = UNetRecipe(model_mpp=args.model_mpp, representation=args.representation)
     if args.lr is not None:
         recipe = dataclasses.replace(recipe, lr=args.lr)
+    if args.glass_patches:
+        recipe = dataclasses.replace(recipe, glass_patch_p=args.glass_patches)
     command = " ".join(["python pipelines/train_unet_real.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
     sources = build_sources(args, args.model_mpp)

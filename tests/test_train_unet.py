@@ -210,3 +210,36 @@ def test_init_from_a_bundle_starts_from_its_weights(tmp_path: Path) -> None:
     other = UNetRecipe(crop_px=64, batch_size=2, decoder_channels=(16, 8, 8, 8, 8), representation="rgb")
     with pytest.raises(TrainingDataError, match="input_representation 'od_gray'"):
         train_unet(images, masks, out_dir=tmp_path / "x", init_from=first.path, **{**kw, "recipe": other})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("representation", ["rgb", "od_gray"])
+def test_glass_patches_erase_a_region_and_its_nuclei(representation: str) -> None:
+    """``glass_patch_p``: a corner, band or blob of 10–40 % of the crop shows the pipeline's
+    dark-region glass, and no nucleus, marker or cell is asked for there; the rest is untouched."""
+    from wsi_screen.device_stage import DARK_FILL_RGB
+    from wsi_screen.train.unet import IGNORE, NucleusSample, _Batcher
+
+    c = 3 if representation == "rgb" else 1
+    rng = np.random.default_rng(0)
+    feats = rng.uniform(0.3, 0.7, size=(c, 64, 64)).astype(np.float16)
+    ones = np.ones((64, 64), np.uint8)
+    cell = ones.copy()
+    cell[:8] = IGNORE
+    smp = NucleusSample("a", "x", feats, ones, ones, cell, feats[0], np.zeros((0, 2)), np.zeros(0))
+    recipe = UNetRecipe(representation=representation, glass_patch_p=1.0, crop_px=64, batch_size=1)
+    batcher = _Batcher([smp], recipe, np.random.default_rng(1))
+    glass = np.asarray(DARK_FILL_RGB, np.float32) / 255.0
+    expect = glass if representation == "rgb" else -np.log10(glass).mean(keepdims=True)
+    shares = []
+    for _ in range(30):
+        f, t = batcher._glass_patch(feats.astype(np.float32), np.stack([ones, ones, cell]))
+        region = np.all(np.isclose(f, expect[:, None, None], atol=1e-6), axis=0)
+        shares.append(region.mean())
+        assert 0.05 <= region.mean() <= 0.45
+        assert (t[0][region] == 0).all() and (t[1][region] == 0).all()
+        assert (t[0][~region] == 1).all() and (t[1][~region] == 1).all()
+        np.testing.assert_array_equal(f[:, ~region], feats.astype(np.float32)[:, ~region])
+        assert set(np.unique(t[2][region])) <= {0, IGNORE}  # unknown stays unknown
+    assert np.std(shares) > 0.02  # the shapes and sizes vary
+    x, y = batcher.batch()  # and the batcher uses it
+    assert x.shape == (1, c, 64, 64) and y.shape == (1, 3, 64, 64)

@@ -702,6 +702,11 @@ class UNetRecipe:
     context_um: float = 24.0
     #: Share of training crops from synthetic fields when :class:`ImageSource` sources are given.
     synthetic_weight: float = 0.2
+    #: Share of crops in which a large region (a corner triangle, a band or a blob over 10–40 % of
+    #: the crop) is replaced by the glass the pipeline shows the localizer instead of a dark region
+    #: (``device_stage.DARK_FILL_RGB``, ``stain.fill_dark_regions``), its nuclei erased: the
+    #: nuclei elsewhere must not change when a third of the window is filled (issue 13 item 5).
+    glass_patch_p: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -772,6 +777,8 @@ class _Batcher:
             feats, tgt = np.rot90(feats, k, axes=(1, 2)), np.rot90(tgt, k, axes=(1, 2))
             if rng.uniform() < 0.5:
                 feats, tgt = feats[:, :, ::-1], tgt[:, :, ::-1]
+            if r.glass_patch_p > 0 and rng.uniform() < r.glass_patch_p:
+                feats, tgt = self._glass_patch(np.array(feats), np.array(tgt))
             x = torch.from_numpy(np.ascontiguousarray(feats))[None]
             y = torch.from_numpy(np.ascontiguousarray(tgt)).float()[None]
             if src != size:
@@ -784,6 +791,41 @@ class _Batcher:
             xs.append(self._photometric(x))
             ys.append(y)
         return torch.cat(xs), torch.cat(ys)
+
+    def _glass_patch(self, feats: F32, tgt: U8) -> tuple[F32, U8]:
+        """Fill a corner triangle, an edge band or a blob (10–40 % of the crop) with the pipeline's
+        dark-region glass; nothing is a nucleus or a cell there any more."""
+        from wsi_screen.device_stage import DARK_FILL_RGB
+
+        rng = self.rng
+        _, h, w = feats.shape
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        u, v = xx / max(w - 1, 1), yy / max(h - 1, 1)
+        share = float(rng.uniform(0.1, 0.4))
+        kind = int(rng.integers(0, 3))
+        if kind == 0:  # a rotated field's black corner: a triangle of area `share`
+            t = math.sqrt(2 * share)
+            region = u + v <= t
+        elif kind == 1:  # a label edge or scanner fill: a band along one side
+            region = u <= share
+        else:  # ink: an ellipse of area `share`
+            cy, cx = rng.uniform(0.2, 0.8, size=2)
+            ax = float(rng.uniform(0.6, 1.6))
+            ry = math.sqrt(share / math.pi / ax)
+            region = ((u - cx) / (ry * ax)) ** 2 + ((v - cy) / ry) ** 2 <= 1.0
+        flips = rng.integers(0, 2, size=2)
+        if flips[0]:
+            region = region[::-1]
+        if flips[1]:
+            region = region[:, ::-1]
+        glass = np.asarray(DARK_FILL_RGB, np.float32) / 255.0  # rgb input: transmittance
+        if self.r.representation != "rgb":  # od_gray: its optical density
+            glass = -np.log10(glass).mean(keepdims=True)
+        feats[:, region] = glass[:, None]
+        tgt[0][region] = 0
+        tgt[1][region] = 0
+        tgt[2][region & (tgt[2] != IGNORE)] = 0
+        return feats, tgt
 
     def _photometric(self, x: torch.Tensor) -> torch.Tensor:
         """Stain-strength, offset, blur and noise jitter (in OD space for both representations)."""
