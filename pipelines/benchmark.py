@@ -824,6 +824,59 @@ def bench_end_to_end(
     }
 
 
+def profile_end_to_end(slide_path: Path, settings: Any, models: Any, work: Path, out: Path) -> dict[str, Any]:
+    """One more ``run_slide`` under ``torch.profiler`` (CPU, and CUDA when the models are there).
+
+    Writes ``out/trace.json.gz`` (open it in Perfetto or chrome://tracing: one row per thread, the
+    device stage's ``wsi_screen.*`` ranges on the main thread) and ``out/top_ops.txt``; returns the
+    ``wsi_screen.*`` ranges and the heaviest operators. Not timed: the profiler slows the run down.
+    """
+    import gzip
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from wsi_screen.pipeline import run_slide
+
+    out.mkdir(parents=True, exist_ok=True)
+    on_cuda = models.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    out_root = work / "run-profiled"
+    shutil.rmtree(out_root, ignore_errors=True)
+    with profile(activities=activities, record_shapes=False) as prof:
+        run_slide(slide_path, out_root, settings=settings, models=models, progress=False)
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    sort = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    (out / "top_ops.txt").write_text(averages.table(sort_by=sort, row_limit=40) + "\n")
+
+    def row(e: Any) -> dict[str, Any]:
+        r = {"name": e.key, "calls": int(e.count), "cpu_total_ms": round(e.cpu_time_total / 1e3, 2)}
+        r["self_cpu_ms"] = round(e.self_cpu_time_total / 1e3, 2)
+        if on_cuda:
+            r["device_total_ms"] = round(getattr(e, "device_time_total", 0.0) / 1e3, 2)
+            r["self_device_ms"] = round(getattr(e, "self_device_time_total", 0.0) / 1e3, 2)
+        return r
+
+    ranges = [row(e) for e in averages if e.key.startswith("wsi_screen.")]
+    ops = sorted(
+        (e for e in averages if not e.key.startswith("wsi_screen.")),
+        key=lambda e: getattr(e, "self_device_time_total", 0.0) if on_cuda else e.self_cpu_time_total,
+        reverse=True,
+    )
+    return {
+        "trace": str(trace) + ".gz",
+        "activities": [a.name for a in activities],
+        "ranges": sorted(ranges, key=lambda r: r["cpu_total_ms"], reverse=True),
+        "top_ops": [row(e) for e in ops[:15]],
+        "torch": torch.__version__,
+    }
+
+
 # -- 6. peer: WSInfer ----------------------------------------------------------------------------------------
 
 
@@ -1051,6 +1104,18 @@ def markdown(r: dict[str, Any]) -> str:
         f"reader threads idle {idle['reader_threads']:.1%}, writer idle {idle['writer']:.1%}, "
         f"device blocked by writer {idle['device_blocked_by_writer_s']} s",
     )
+    prof = r.get("profile")
+    if prof:
+        unit = "self_device_ms" if "CUDA" in prof["activities"] else "self_cpu_ms"
+        parts = ", ".join(
+            f"{x['name'].removeprefix('wsi_screen.')} {x['cpu_total_ms']:.0f}" for x in prof["ranges"]
+        )
+        heavy = ", ".join(f"`{x['name']}` {x[unit]:.0f}" for x in prof["top_ops"][:5])
+        row(
+            "torch.profiler (one more run, not timed)",
+            f"ranges (ms, CPU total): {parts or 'none'}",
+            f"heaviest operators ({unit}): {heavy}; `{prof['trace']}`",
+        )
     if peer.get("status") == "ok":
         row(
             f"peer: WSInfer {peer.get('wsinfer_version')} ({peer.get('backbone')}, {peer.get('device')})",
@@ -1123,6 +1188,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--reader-only", action="store_true", help="only the raw decode and the readers (steps 1-3)"
     )
     p.add_argument("--no-peer", action="store_true", help="skip WSInfer")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run run_slide once under torch.profiler: OUT/profile/trace.json.gz and top_ops.txt",
+    )
     p.add_argument("--wsinfer-python", default=str(DEFAULT_WSINFER_PYTHON), help="python of the WSInfer venv")
     p.add_argument(
         "--peer-size", type=int, default=0, help="peer on a slide of this side (0 = the same slide)"
@@ -1294,6 +1364,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["end_to_end"] = bench_end_to_end(
         slide_path, settings, models, work, slide_mp=slide_mp, raw_mp_per_s=raw["mp_per_s"]
     )
+
+    if args.profile:
+        print("[benchmark] end to end once more under torch.profiler", flush=True)
+        report["profile"] = profile_end_to_end(slide_path, settings, models, work, out / "profile")
 
     print("[benchmark] peer (WSInfer)", flush=True)
     peer_slide = slide_path

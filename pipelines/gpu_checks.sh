@@ -8,7 +8,8 @@
 #    Reinhard on CUDA, the fast paths;
 # 2. candidate extraction on the device against the CPU path (pipelines/bench_candidates.py);
 # 3. the decode limits: libjpeg-turbo threads against batched nvJPEG (benchmark --reader-only);
-# 4. the 20,000² slide end to end with the torch candidates, nvJPEG in the reader and GPU batch sizes;
+# 4. the 20,000² slide end to end with the torch candidates, nvJPEG in the reader and GPU batch sizes,
+#    and a torch.profiler trace of one more run (b20k/profile/trace.json.gz);
 # 5. with WSI_GPU_LARGE=1 also the 70,000² (4.9-gigapixel) slide, the goal (it takes the
 #    longest: its synthesis alone is minutes).
 # Each step writes under OUT and a failing step does not stop the others; the exit status is the
@@ -35,7 +36,7 @@ step gpu-tests "$PY" -m pytest -q -m gpu -p no:cacheprovider
 step candidates "$PY" pipelines/bench_candidates.py --device cuda --batch 32 --out "$OUT/bench-cand"
 step decode "$PY" pipelines/benchmark.py --device cuda --reader-only --size 20000 --out "$OUT/b20k-decode"
 step e2e-20k "$PY" pipelines/benchmark.py --device cuda --localize-batch 32 --classify-batch 512 \
-  --no-peer --size 20000 --candidates torch --out "$OUT/b20k"
+  --no-peer --size 20000 --candidates torch --profile --out "$OUT/b20k"
 if [ "${WSI_GPU_LARGE:-0}" = 1 ]; then
   step e2e-70k "$PY" pipelines/benchmark.py --device cuda --localize-batch 32 --classify-batch 512 \
     --no-peer --size 70000 --candidates torch --out "$OUT/b70k"

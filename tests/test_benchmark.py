@@ -19,7 +19,15 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
     bench = load_pipeline("benchmark", module_name="wsi_benchmark")
     out = tmp_path / "bench"
     report = bench.main(
-        ["--quick", "--out", str(out), "--no-report", "--wsinfer-python", str(tmp_path / "no-such-python")]
+        [
+            "--quick",
+            "--out",
+            str(out),
+            "--no-report",
+            "--profile",
+            "--wsinfer-python",
+            str(tmp_path / "no-such-python"),
+        ]
     )
     on_disk = json.loads((out / "benchmark.json").read_text())
     assert on_disk["schema_version"] == bench.SCHEMA_VERSION == report["schema_version"]
@@ -66,6 +74,15 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
         assert key in e2e["stages"]
     assert e2e["stages"]["device"]["assemble_s"] > 0  # the device stage pastes the decoded tiles
     assert 0.0 <= e2e["idle"]["device_waiting_for_reader"] <= 1.0
+
+    prof = on_disk["profile"]  # --profile: one more run under torch.profiler, its trace on disk
+    assert Path(prof["trace"]).is_file() and (out / "profile" / "top_ops.txt").is_file()
+    ranges = {r["name"]: r for r in prof["ranges"]}
+    for stage in ("assemble", "normalize", "localize", "crop", "classify"):
+        assert ranges[f"wsi_screen.{stage}"]["calls"] >= 1, stage
+    assert prof["top_ops"] and all(r["self_cpu_ms"] >= 0 for r in prof["top_ops"])
+    if hw["gpu"] is None:  # reading.jpeg_decoder auto: the reader threads off CUDA
+        assert on_disk["settings"]["jpeg_decoder"] == "cpu (reader threads)"
 
     peer = on_disk["peer"]
     assert peer["status"] == "unavailable" and "setup_wsinfer_peer.sh" in peer["reason"]

@@ -190,24 +190,28 @@ class TileProcessor:
     ) -> BatchResult:
         """Screen a batch of windows (arrays, or the decoded tiles under them) of ``tiles``."""
         import torch
+        from torch.profiler import record_function  # named ranges in a torch.profiler trace
 
         from wsi_screen.classify import cut_crops, cut_mask_crops
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        x = self.assemble(windows)
+        with record_function("wsi_screen.assemble"):
+            x = self.assemble(windows)
         ta = time.perf_counter()
         timings["assemble"] = ta - t0
         t0 = ta
-        x = x.to(self.device, non_blocking=self.device.type == "cuda")
-        loc_in, norm = self.normalize_both(x)
-        # Focus needs the grey level of the core and a small margin only.
-        m = max(self.grid.halo - FOCUS_MARGIN, 0)
-        core = norm[:, m : norm.shape[1] - m, m : norm.shape[2] - m] if m else norm
-        focus = tile_focus(core, min(self.grid.halo, FOCUS_MARGIN))
+        with record_function("wsi_screen.normalize"):
+            x = x.to(self.device, non_blocking=self.device.type == "cuda")
+            loc_in, norm = self.normalize_both(x)
+            # Focus needs the grey level of the core and a small margin only.
+            m = max(self.grid.halo - FOCUS_MARGIN, 0)
+            core = norm[:, m : norm.shape[1] - m, m : norm.shape[2] - m] if m else norm
+            focus = tile_focus(core, min(self.grid.halo, FOCUS_MARGIN))
         t1 = time.perf_counter()
         timings["normalize"] = t1 - t0
-        cands = self.localizer.localize(loc_in, window_mpp=self.grid.mpp, halo_px=self.grid.halo)
+        with record_function("wsi_screen.localize"):
+            cands = self.localizer.localize(loc_in, window_mpp=self.grid.mpp, halo_px=self.grid.halo)
         t2 = time.perf_counter()
         timings["localize"] = t2 - t1
 
@@ -226,17 +230,19 @@ class TileProcessor:
         ti = torch.from_numpy(np.concatenate(tile_idx)) if tile_idx else torch.zeros(0, dtype=torch.long)
         cx_t = torch.from_numpy(np.concatenate(cxs)) if cxs else ti
         cy_t = torch.from_numpy(np.concatenate(cys)) if cys else ti
-        crops = cut_crops(norm, ti, cx_t, cy_t, self.crop_size)
-        if self.mask_channel:
-            hw = (int(norm.shape[1]), int(norm.shape[2]))
-            mask = cut_mask_crops(
-                [c.outlines for c in cands], hw, ti, cx_t, cy_t, self.crop_size, device=norm.device
-            )
-            crops = torch.cat([crops, mask], dim=3)
+        with record_function("wsi_screen.crop"):
+            crops = cut_crops(norm, ti, cx_t, cy_t, self.crop_size)
+            if self.mask_channel:
+                hw = (int(norm.shape[1]), int(norm.shape[2]))
+                mask = cut_mask_crops(
+                    [c.outlines for c in cands], hw, ti, cx_t, cy_t, self.crop_size, device=norm.device
+                )
+                crops = torch.cat([crops, mask], dim=3)
         t3 = time.perf_counter()
         timings["crop"] = t3 - t2
         if self.classifier is not None:
-            probs = self.classifier.predict(crops).float().cpu().numpy()
+            with record_function("wsi_screen.classify"):
+                probs = self.classifier.predict(crops).float().cpu().numpy()
             start = 0
             for i, t in enumerate(tables):
                 tables[i] = t.with_probs(probs[start : start + len(t)])
