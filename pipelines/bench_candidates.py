@@ -10,7 +10,7 @@ Maps (all at 0.5 µm/px, the localizer's resolution):
   context; crowded fields of touching elliptical nuclei (nucleus, nucleus-centre marker and cell
   probability, a little noise), ``--nuclei`` per map (a sparse and a crowded density);
 - **real**: the CNSeg crowded fields (``../shared/data/cnseg/clustered``, 0.33 µm/px) through the
-  shipped localizer (``nuclei-unet-v2`` on the CPU, Reinhard-normalized to its target as
+  shipped localizer (the default, ``nuclei-unet-v3``, on the CPU, Reinhard-normalized to its target as
   ``localize_region`` does); skipped when the data or the bundle is missing.
 
 Agreement: nuclei of the two paths matched one to one (Hungarian assignment on centre distance,
@@ -381,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         real = real_maps()
         if real:
             logger.info("real: %d CNSeg crowded fields", len(real))
-            r["sets"]["CNSeg crowded fields, nuclei-unet-v2"] = bench(
+            from wsi_screen.config import LocalizationSettings
+
+            r["sets"][f"CNSeg crowded fields, {LocalizationSettings().model}"] = bench(
                 real,
                 device=args.device,
                 batch=args.batch,

@@ -1,7 +1,10 @@
-"""Train the real-cell nucleus U-Net ``nuclei-unet-v2`` on every real source plus synthetic fields.
+"""Train the real-cell nucleus U-Net on every real source plus synthetic fields.
 
-    flock /tmp/wsi-cpu.lock python pipelines/train_unet_real.py --representation rgb \\
-        --checkpoint /tmp/unet-rgb.ckpt --resume --time-budget-min 100      # resumable CPU run
+    flock /tmp/wsi-cpu.lock python pipelines/train_unet_real.py --representation rgb --steps 400 \\
+        --name nuclei-unet-v2 -o OUT --checkpoint /tmp/unet-rgb.ckpt --resume   # v2 (resumable)
+    flock /tmp/wsi-cpu.lock python pipelines/train_unet_real.py --representation rgb --init nuclei-unet-v2 \\
+        --lr 1e-3 --glass-patches 0.25 --steps 600 --threads 2 --checkpoint /tmp/unet-v3.ckpt --resume
+        # nuclei-unet-v3, the default: v2 fine-tuned with dark-region glass patches
     python pipelines/train_unet_real.py --steps 40 --herlev-fields 12 --synthetic 4 -o /tmp/u  # smoke run
 
 Data (``../shared/data``, split by the one manifest ``pipelines/splits/real.json``; only its
@@ -33,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 MANIFEST = ROOT / "pipelines" / "splits" / "real.json"
-DEFAULT_OUT = ROOT / "wsi_screen" / "models" / "bundles" / "nuclei-unet-v2"
+DEFAULT_OUT = ROOT / "wsi_screen" / "models" / "bundles" / "nuclei-unet-v3"
 
 WEIGHTS = {"herlev_fields": 0.35, "lbc_nuclei": 0.2, "cnseg": 0.15, "isbi2014": 0.1}
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--name", default="nuclei-unet-v2")
+    p.add_argument("--name", default="nuclei-unet-v3")
     p.add_argument("--checkpoint", type=Path, default=None, help="state file for checkpoint/resume")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
     p.add_argument("--time-budget-min", type=float, default=None, help="stop (resumable) after this long")

@@ -667,5 +667,5 @@ def test_load_models_refuses_other_models(sharp_result: dict[str, Any], tmp_path
 
     preset = write_calibration(sharp_result, tmp_path / "op")["preset"]
     settings = load_settings(config=preset, overrides={"runtime.device": "cpu"})
-    with pytest.raises(ConfigError, match="but this run uses localization nuclei-unet-v2"):
+    with pytest.raises(ConfigError, match="but this run uses localization nuclei-unet-v3"):
         load_models(settings)

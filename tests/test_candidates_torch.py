@@ -253,7 +253,7 @@ def test_agreement_on_real_crowded_fields(shared_data: Path) -> None:
     """The shipped localizer's maps of the CNSeg crowded fields: the same bar as above."""
     maps = bench.real_maps(shared_data)
     if not maps:
-        pytest.skip("no CNSeg crowded fields or no nuclei-unet-v2 bundle")
+        pytest.skip("no CNSeg crowded fields or no default localizer bundle")
     want, got = bench.run_cpu(maps), bench.run_torch(maps, batch=4)
     stats = bench.agreement(want, got, [m["mpp"] for m in maps])
     _check_agreement(stats)

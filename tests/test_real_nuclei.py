@@ -260,22 +260,28 @@ def test_shipped_real_cell_localizer_is_the_default_and_matches_its_card() -> No
     from wsi_screen.config import load_settings
     from wsi_screen.models import list_bundles, load_bundle
 
-    assert load_settings().localization.model == "nuclei-unet-v2"
-    assert {"nuclei-unet-v1", "nuclei-unet-v2"} <= set(list_bundles())  # the old one stays loadable
-    b = load_bundle("nuclei-unet-v2", task="localization")  # verifies the weights' sha256
-    cfg = b.config
-    assert cfg.input_representation == "rgb" and cfg.in_channels == 3 and cfg.mpp == 0.5
-    assert cfg.thresholds["detection"] == 0.7
-    assert cfg.training["split_manifest"] == "pipelines/splits/real.json"
-    assert set(cfg.training["sources"]) == {"herlev_fields", "lbc_nuclei", "cnseg", "isbi2014"}
-    # Nothing of a test part was trained on: every training image of a source is in its train part.
+    assert load_settings().localization.model == "nuclei-unet-v3"
+    # The earlier ones stay loadable by name.
+    assert {"nuclei-unet-v1", "nuclei-unet-v2", "nuclei-unet-v3"} <= set(list_bundles())
     m = read_split_manifest(MANIFEST)
-    for src, key_of in (("lbc_nuclei", lambda n: f"{n}.png"), ("isbi2014", lambda n: f"{n}.png")):
-        train = set(split_names(m, src, "train"))
-        assert {key_of(n) for n in cfg.training["sources"][src]["train"]} <= train
-    cn_train = {k.rsplit(".", 1)[0] for k in split_names(m, "cnseg", "train")}
-    assert set(cfg.training["sources"]["cnseg"]["train"]) <= cn_train
-    model = b.build_model()
-    with torch.no_grad():
-        out = model(torch.zeros(1, 3, 64, 96))
-    assert out.shape == (1, 3, 64, 96) and torch.isfinite(out).all()
+    v2 = load_bundle("nuclei-unet-v2", task="localization")  # verifies the weights' sha256
+    for name in ("nuclei-unet-v2", "nuclei-unet-v3"):
+        b = load_bundle(name, task="localization")
+        cfg = b.config
+        assert cfg.input_representation == "rgb" and cfg.in_channels == 3 and cfg.mpp == 0.5
+        assert cfg.thresholds["detection"] == 0.7
+        assert cfg.training["split_manifest"] == "pipelines/splits/real.json"
+        assert set(cfg.training["sources"]) == {"herlev_fields", "lbc_nuclei", "cnseg", "isbi2014"}
+        # Nothing of a test part was trained on: every training image of a source is in its train part.
+        for src, key_of in (("lbc_nuclei", lambda n: f"{n}.png"), ("isbi2014", lambda n: f"{n}.png")):
+            train = set(split_names(m, src, "train"))
+            assert {key_of(n) for n in cfg.training["sources"][src]["train"]} <= train
+        cn_train = {k.rsplit(".", 1)[0] for k in split_names(m, "cnseg", "train")}
+        assert set(cfg.training["sources"]["cnseg"]["train"]) <= cn_train
+        model = b.build_model()
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, 64, 96))
+        assert out.shape == (1, 3, 64, 96) and torch.isfinite(out).all()
+    # v3 is v2 fine-tuned (the same split, hence the same parts) with dark-region glass patches.
+    assert cfg.training["init_from"]["sha256"] == v2.config.sha256
+    assert cfg.training["recipe"]["glass_patch_p"] == 0.25

@@ -658,9 +658,11 @@ def test_black_and_ink_over_30_percent_of_real_fields_do_not_change_the_clean_pa
     # Not blind (the glass-masked statistics found 0 of these 83 nuclei with v1, 32 with v2) ...
     assert found_dirty >= 0.85 * found_clean, (found_clean, found_dirty, total)
     assert abs(det_dirty - det_clean) <= 0.3 * det_clean, (det_clean, det_dirty)
-    # ... and, done when: the same nuclei ± 2 %. The statistics and the glass fill get within ~5 %;
-    # the rest is the U-Net's squeeze-excitation pooling over its whole window (docs/architecture.md,
-    # "The localizer's own sensitivity"): a localizer trained with dark regions will pass here.
+    # ... and, done when: the same nuclei ± 2 %. The statistics and the glass fill get within ~5 %
+    # (nuclei-unet-v2: 79 against 83); the rest is the U-Net's squeeze-excitation pooling over its
+    # whole window (docs/architecture.md, "The localizer's own sensitivity"). nuclei-unet-v3, trained
+    # with dark-region glass patches, passes (80 against 82 of 83 on the AMD EPYC of 2026-12-02); a
+    # localizer chosen by the user that was not trained so is reported as an expected failure.
     tol = max(1, round(0.02 * total))
     if abs(found_dirty - found_clean) > tol:
         pytest.xfail(

@@ -243,3 +243,29 @@ def test_glass_patches_erase_a_region_and_its_nuclei(representation: str) -> Non
     assert np.std(shares) > 0.02  # the shapes and sizes vary
     x, y = batcher.batch()  # and the batcher uses it
     assert x.shape == (1, c, 64, 64) and y.shape == (1, 3, 64, 64)
+
+
+def test_train_cli_fine_tunes_from_a_bundle_with_glass_patches(tmp_path: Path) -> None:
+    """``train unet --init BUNDLE --glass-patches P``: the bundle records where it started and the
+    recipe; an --init whose input does not match is a clear error, and no bundle is written."""
+    images, masks, cyto = _write_set(tmp_path / "data", 2)
+    base = ["train", "unet", "--images", str(images), "--masks", str(masks), "--cytoplasm", str(cyto)]
+    base += ["--mpp", "0.25", "--epochs", "1", "--batch-size", "2", "-q"]
+    first = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "first")])
+    assert first.exit_code == 0, first.output
+    tuned = CliRunner().invoke(
+        cli,
+        [*base, "-o", str(tmp_path / "tuned"), "--init", str(tmp_path / "first"), "--glass-patches", "0.5"],
+    )
+    assert tuned.exit_code == 0, tuned.output
+    cfg = load_bundle(tmp_path / "tuned", task="localization").config
+    assert cfg.training["init_from"]["sha256"] == load_bundle(tmp_path / "first").config.sha256
+    assert cfg.training["recipe"]["glass_patch_p"] == 0.5
+    bad = CliRunner().invoke(
+        cli,
+        [*base, "-o", str(tmp_path / "bad"), "--init", str(tmp_path / "first"), "--representation", "rgb"],
+    )
+    # A WsiScreenError: `wsi-screen` prints it as one line and exits 1 (tests/test_cli.py).
+    assert bad.exit_code != 0 and isinstance(bad.exception, TrainingDataError)
+    assert "input_representation 'od_gray'" in str(bad.exception)
+    assert not (tmp_path / "bad").exists()

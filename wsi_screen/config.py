@@ -123,7 +123,7 @@ class StainSettings(_Section):
 class LocalizationSettings(_Section):
     """U-Net nucleus localization and candidate extraction."""
 
-    model: str = "nuclei-unet-v2"
+    model: str = "nuclei-unet-v3"
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="probability cut (None: bundle's)")
     min_detection_score: float | None = Field(
         None,

@@ -80,6 +80,23 @@ def train() -> None:
     show_default=True,
     help="µm/px the U-Net works at (windows are resampled to it).",
 )
+@click.option(
+    "--init",
+    "init_from",
+    default=None,
+    metavar="BUNDLE",
+    help="Start from this localization bundle's weights (name or folder), e.g. nuclei-unet-v3 with "
+    "--representation rgb: fine-tuning on your slides needs fewer annotated nuclei.",
+)
+@click.option(
+    "--glass-patches",
+    type=click.FloatRange(min=0.0, max=1.0),
+    default=0.0,
+    show_default=True,
+    help="Share of training crops in which a corner, band or blob shows the glass the pipeline puts "
+    "in place of black/ink regions (its nuclei erased), so that such regions do not change what is "
+    "found elsewhere; nuclei-unet-v3 used 0.25.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default=None, help="Bundle name [default: the output folder's name].")
@@ -113,6 +130,8 @@ def unet(
     val_names: str,
     representation: str,
     model_mpp: float,
+    init_from: str | None,
+    glass_patches: float,
     device: str,
     seed: int,
     name: str | None,
@@ -135,7 +154,7 @@ def unet(
     obj = configure_from_context(ctx)
     from wsi_screen.train.unet import TrainingPaused, UNetRecipe, train_unet
 
-    recipe = UNetRecipe(model_mpp=model_mpp, representation=representation)
+    recipe = UNetRecipe(model_mpp=model_mpp, representation=representation, glass_patch_p=glass_patches)
     ckpt = checkpoint or out_dir.with_name(out_dir.name + ".ckpt")
     try:
         bundle = train_unet(
@@ -155,6 +174,7 @@ def unet(
             name=name,
             checkpoint=ckpt,
             resume=resume,
+            init_from=init_from,
             time_budget_s=None if time_budget_min is None else 60.0 * time_budget_min,
         )
     except TrainingPaused as exc:
