@@ -311,7 +311,7 @@ def _feature_maps(
 
     h, w = rgb.shape[:2]
     feats, od, (sy, sx) = model_input(
-        torch.from_numpy(np.ascontiguousarray(rgb))[None],
+        torch.from_numpy(np.require(rgb, requirements=["C", "W"]))[None],  # a writable copy if need be
         representation=representation,
         factor=factor,
         pad_to=1,
