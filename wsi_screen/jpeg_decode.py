@@ -22,10 +22,11 @@ measures the device decode against the CPU decode limit (issue 16 item 2).
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -41,8 +42,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-JpegDecoder = Literal["auto", "cpu", "device"]
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -119,8 +118,10 @@ def resolve_jpeg_device(choice: str, device: torch.device) -> torch.device | Non
     return None
 
 
+@functools.lru_cache(maxsize=8)
 def _decoder_problem(device: torch.device) -> str | None:
-    """Why :func:`decode_streams` cannot decode on ``device`` (None: a test image round-trips)."""
+    """Why :func:`decode_streams` cannot decode on ``device`` (None: a test image round-trips);
+    probed once per device and process, not once per slide of a batch."""
     import torch
 
     try:

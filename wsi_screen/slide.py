@@ -500,19 +500,23 @@ class _DirectTiff:
             raise CorruptTileError(f"tile {idx}: {len(data)} of {n} bytes present (truncated file)")
         return data
 
+    def tile_streams(self, lv: _DirectLevel, indices: Sequence[int]) -> list[bytes | None]:
+        """Self-contained JPEG streams of tiles of a JPEG level (None: a tile never written)."""
+        from wsi_screen.jpeg_decode import tile_stream
+
+        out: list[bytes | None] = []
+        for idx in indices:
+            data = self.raw_tile(lv, int(idx))
+            out.append(None if data is None else tile_stream(data, lv.jpegtables, photometric=lv.photometric))
+        return out
+
     def _decode_batch(self, lv: _DirectLevel, indices: Sequence[int]) -> list[NDArray[np.uint8]]:
         """Decode JPEG tiles in one call on :attr:`jpeg_device` (nvJPEG on CUDA); a batch the
         device decoder rejects is decoded again tile by tile on the CPU, which names a bad tile."""
-        from wsi_screen.jpeg_decode import decode_streams, tile_stream
+        from wsi_screen.jpeg_decode import decode_streams
 
-        device = self.jpeg_device
-        if device is None:
-            return [self._decode(lv, idx) for idx in indices]
-        streams: list[bytes | None] = []
-        for idx in indices:
-            data = self.raw_tile(lv, idx)
-            stream = None if data is None else tile_stream(data, lv.jpegtables, photometric=lv.photometric)
-            streams.append(stream)
+        device = cast("torch.device", self.jpeg_device)  # visit() batches only when it is set
+        streams = self.tile_streams(lv, indices)
         try:
             host = decode_streams(streams, device=device, tile_size=(lv.tile_w, lv.tile_h)).cpu().numpy()
         except (RuntimeError, ValueError) as exc:
@@ -721,17 +725,12 @@ class Slide:
             ValueError: the level is not read directly, or not JPEG-compressed, or an index is out
                 of range.
         """
-        from wsi_screen.jpeg_decode import tile_stream
-
         lv = self._jpeg_level(level)
         n = len(lv.offsets)
-        out: list[bytes | None] = []
         for idx in indices:
             if not 0 <= int(idx) < n:
                 raise ValueError(f"tile index {idx} out of range 0..{n - 1} at level {level}")
-            data = self._direct.raw_tile(lv, int(idx)) if self._direct is not None else None
-            out.append(None if data is None else tile_stream(data, lv.jpegtables, photometric=lv.photometric))
-        return out
+        return cast(_DirectTiff, self._direct).tile_streams(lv, indices)  # _jpeg_level checked it is set
 
     def set_jpeg_device(self, device: torch.device | None) -> None:
         """Decode the JPEG tiles of directly read levels in batches on ``device`` from now on, for

@@ -796,6 +796,7 @@ class _Batcher:
         """Fill a corner triangle, an edge band or a blob (10–40 % of the crop) with the pipeline's
         dark-region glass; nothing is a nucleus or a cell there any more."""
         from wsi_screen.device_stage import DARK_FILL_RGB
+        from wsi_screen.optical_density import optical_density
 
         rng = self.rng
         _, h, w = feats.shape
@@ -818,9 +819,9 @@ class _Batcher:
             region = region[::-1]
         if flips[1]:
             region = region[:, ::-1]
-        glass = np.asarray(DARK_FILL_RGB, np.float32) / 255.0  # rgb input: transmittance
-        if self.r.representation != "rgb":  # od_gray: its optical density
-            glass = -np.log10(glass).mean(keepdims=True)
+        fill = np.asarray([[DARK_FILL_RGB]], np.float32)  # (1, 1, 3), as a window holds it
+        # As localize.model_input turns a window into features: rgb I / 255, od_gray its density.
+        glass = fill[0, 0] / 255.0 if self.r.representation == "rgb" else optical_density(fill)[0]
         feats[:, region] = glass[:, None]
         tgt[0][region] = 0
         tgt[1][region] = 0
