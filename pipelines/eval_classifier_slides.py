@@ -38,8 +38,21 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"k": k, "n": n, "rate": (k / n) if n else None, "wilson95": wilson_interval(k, n)}
 
 
-def score_cells(cells_zarr: Path, truth_path: Path, *, threshold: float, labels_key: str) -> dict[str, Any]:
-    """Per-class flagged fractions of the truth objects (``cells`` footprints or ``nuclei``)."""
+#: Classes whose cells count as abnormal in the ``all abnormal`` rows.
+ABNORMAL = ("ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC")
+
+
+def score_cells(
+    cells_zarr: Path,
+    truth_path: Path,
+    *,
+    threshold: float,
+    labels_key: str,
+    sweep: tuple[float, ...] = (),
+) -> dict[str, Any]:
+    """Per-class flagged fractions of the truth objects (``cells`` footprints or ``nuclei``); with
+    ``sweep``, the same fractions at each of those thresholds (``by_threshold``, to choose an export
+    threshold on validation slides)."""
     from scipy.ndimage import grey_dilation
 
     from wsi_screen.cells import abnormality_score
@@ -79,6 +92,26 @@ def score_cells(cells_zarr: Path, truth_path: Path, *, threshold: float, labels_
             "flagged": _rate(int(flagged[ids].sum()), len(ids)),
             "best_score_median": float(np.median(best[ids])) if ids else None,
         }
+    abnormal = [i for i in range(1, n_obj) if kinds[i] in ABNORMAL]
+    if abnormal:
+        out["by_class"]["all abnormal"] = {
+            "objects": len(abnormal),
+            "detected": _rate(int(detected[abnormal].sum()), len(abnormal)),
+            "flagged": _rate(int(flagged[abnormal].sum()), len(abnormal)),
+            "best_score_median": float(np.median(best[abnormal])),
+        }
+    by_threshold: dict[str, dict[str, Any]] = {}
+    for t in sweep:
+        hit = detected & (best >= t)
+        row = {}
+        for kind in sorted(set(kinds[1:])):
+            ids = [i for i in range(1, n_obj) if kinds[i] == kind]
+            row[kind] = _rate(int(hit[ids].sum()), len(ids))
+        if abnormal:
+            row["all abnormal"] = _rate(int(hit[abnormal].sum()), len(abnormal))
+        by_threshold[f"{t:.4f}"] = row
+    if by_threshold:
+        out["by_threshold"] = by_threshold
     out["detections"] = len(score)
     out["detections_on_nothing"] = int((on == 0).sum())
     out["detections_on_nothing_flagged"] = int(((on == 0) & (score >= threshold)).sum())
@@ -96,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--localizer", default=None, help="localization bundle (default: shipped)")
     p.add_argument("--slides", type=Path, default=None, help="slide folder (default WORK/slides)")
     p.add_argument("--work", type=Path, required=True)
+    p.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also report flagged fractions at these export thresholds (choose one on --part val)",
+    )
     args = p.parse_args(argv)
 
     import real_slides
@@ -127,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = run_slide(path, args.work / "runs", settings=settings, models=models, progress=False)
         row = score_cells(
-            res.out_dir / "cells.zarr", path.with_suffix(".truth.npz"), threshold=threshold, labels_key=key
+            res.out_dir / "cells.zarr",
+            path.with_suffix(".truth.npz"),
+            threshold=threshold,
+            labels_key=key,
+            sweep=tuple(args.sweep),
         )
         summary = json.loads((res.out_dir / "summary.json").read_text())
         row["triage"] = summary["triage"]

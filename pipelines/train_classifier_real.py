@@ -34,7 +34,13 @@ Stages (``--stages``, default all, in this order):
     learning rate with NILM and organism drawn ``--negative-weight`` × as often, so that about half
     the draws are negative; ``scratch-finetune``: the same second stage from ``scratch``;
     ``finetune-columnar``: ``finetune`` trained further at lr 5·10⁻⁴ with Herlev's normal columnar
-    cells drawn ``--columnar-weight`` × as often on top). Test crops are never seen.
+    cells drawn ``--columnar-weight`` × as often on top; ``refit``: the shipped ``cyto-real-v1``
+    trained again like ``finetune`` on these crops (cut by today's default localizer); ``refit-ec``:
+    the same with Herlev's normal columnar cells as a class of their own, ``endocervical`` (NILM,
+    class map ``herlev-bethesda-endocervical``; every other variant trains them as NILM);
+    ``refit-ec-bin``: ``refit-ec`` plus the screening loss (``--binary-loss`` × the log loss of the
+    summed abnormal probability) and the epoch chosen by validation binary AUROC. Test crops are
+    never seen.
 ``evaluate``
     Every variant (and every ``--ensembles`` average of variants, ``a+b``) on the test crops
     (``CellClassifier``, as in screening), at the review threshold
@@ -73,8 +79,12 @@ DATA = ROOT.parent / "shared" / "data"
 MANIFEST = ROOT / "pipelines" / "splits" / "real.json"
 BUNDLES = ROOT / "wsi_screen" / "models" / "bundles"
 PARTS = ("train", "val", "test")
-CLASSES = ["NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC", "organism", "artifact"]
+#: The labels of the crops: Herlev's normal columnar cells are ``endocervical`` (class map
+#: ``herlev-bethesda-endocervical``); a variant without that class trains them as NILM.
+CLASSES = ["NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC", "organism", "endocervical", "artifact"]
 ABNORMAL = ["ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC"]
+#: NILM under Bethesda (the binary negatives; artifacts are neither).
+NEGATIVE = ["NILM", "organism", "endocervical"]
 HSIL_PLUS = ["HSIL", "SCC"]
 STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship")
 #: Herlev's normal folders by kind (reported apart: the per-source bar is on NILM squamous cells).
@@ -82,9 +92,28 @@ HERLEV_NORMAL_KINDS = {
     "squamous": ["normal_superficiel", "normal_intermediate"],
     "columnar": ["normal_columnar"],
 }
-#: Second-stage variants and the first stage each starts from.
-FINETUNE_FROM = {"finetune": "init", "scratch-finetune": "scratch", "finetune-columnar": "finetune"}
+#: Second-stage variants and what each starts from: a first stage in ``WORK/bundles``, or (``refit``,
+#: ``refit-ec``) the shipped ``cyto-real-v1``, trained again on the crops of today's default localizer.
+FINETUNE_FROM = {
+    "finetune": "init",
+    "scratch-finetune": "scratch",
+    "finetune-columnar": "finetune",
+    "refit": "cyto-real-v1",
+    "refit-ec": "cyto-real-v1",
+    "refit-ec-bin": "cyto-real-v1",
+}
 VARIANTS = ("scratch", "init", *FINETUNE_FROM)
+#: Variants that keep Herlev's columnar cells apart as ``endocervical`` (the others train them as NILM).
+ENDOCERVICAL_VARIANTS = frozenset({"refit-ec", "refit-ec-bin"})
+#: Variants trained with the screening loss (``TrainConfig.binary_loss``) and selected by validation
+#: binary AUROC instead of macro-F1.
+SCREENING_LOSS_VARIANTS = frozenset({"refit-ec-bin"})
+
+
+def variant_classes(variant: str) -> list[str]:
+    """The class set a variant is trained with."""
+    return CLASSES if variant in ENDOCERVICAL_VARIANTS else [c for c in CLASSES if c != "endocervical"]
+
 
 logger = logging.getLogger("train_classifier_real")
 
@@ -104,7 +133,10 @@ def part_cells(args: argparse.Namespace, part: str) -> list[Any]:
 
     m = read_split_manifest(args.manifest)
     cells = load_labelled_cells(
-        args.data, "herlev", split_names(m, "herlev", part), load_class_map("herlev-bethesda")
+        args.data,
+        "herlev",
+        split_names(m, "herlev", part),
+        load_class_map("herlev-bethesda-endocervical"),
     )
     cells += load_labelled_cells(
         args.data, "lbc_cells", split_names(m, "lbc_cells", part), load_class_map("lbc-cells-bethesda")
@@ -292,7 +324,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
     from wsi_screen.train.classifier import TrainConfig, train_classifier
 
     data, split, weights = training_data(args, work)
-    negative = np.isin(data.labels[split["train"]], [CLASSES.index(c) for c in ("NILM", "organism")])
+    negative = np.isin(data.labels[split["train"]], [CLASSES.index(c) for c in NEGATIVE])
     train_groups = data.groups[split["train"]].tolist()
     columnar = np.array([g.split("/", 1)[0] in HERLEV_NORMAL_KINDS["columnar"] for g in train_groups])
     for variant in args.variants:
@@ -300,6 +332,8 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
         if (out / "bundle.json").is_file() and "train" not in args.force:
             continue
         second = variant in FINETUNE_FROM
+        classes = variant_classes(variant)
+        start = FINETUNE_FROM.get(variant, "")
         cfg = TrainConfig(
             arch=args.arch,
             epochs=args.epochs,
@@ -308,9 +342,11 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
             warmup_epochs=0.5 if second else 1.0,
             balanced_sampler=True,
             label_smoothing=0.05,
+            binary_loss=args.binary_loss if variant in SCREENING_LOSS_VARIANTS else 0.0,
+            monitor="binary_auroc" if variant in SCREENING_LOSS_VARIANTS else "macro_f1",
             augment=AugmentConfig(),
             init=(
-                str(work / "bundles" / FINETUNE_FROM[variant])
+                (str(work / "bundles" / start) if (work / "bundles" / start).is_dir() else start)
                 if second
                 else {"init": "cyto-synth-v1"}.get(variant)
             ),
@@ -322,11 +358,11 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
         )
         t0 = time.perf_counter()
         res = train_classifier(
-            data,
+            data if classes == CLASSES else data.merge_class("endocervical", "NILM"),
             out,
             config=cfg,
             name=args.name,
-            class_names=CLASSES,
+            class_names=classes,
             abnormal_classes=ABNORMAL,
             work_dir=work / "bundles" / f"{variant}.train",
             resume=True,
@@ -342,9 +378,9 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
                 ]
             ),
             description=(
-                "Cell classifier (9 classes: NILM, ASC-US, LSIL, ASC-H, HSIL, SCC, AGC, organism, artifact) "
-                "trained on crops that the pipeline cuts from slides of real Pap-stained cells (Herlev, "
-                "lbc-cells, LBC fields) plus synthetic cells."
+                f"Cell classifier ({len(classes)} classes: {', '.join(classes)}) trained on crops that the "
+                "pipeline cuts from slides of real Pap-stained cells (Herlev, lbc-cells, LBC fields) plus "
+                "synthetic cells."
             ),
             intended_use=(
                 "Ranking cells of Papanicolaou-stained cervical cytology slides for review by a "
@@ -376,6 +412,8 @@ def _cluster_bootstrap(
 
 
 def crop_probs(bundle: Path, data: Any) -> np.ndarray:
+    """Class probabilities of ``data`` in the columns of :data:`CLASSES` (0 for a class the bundle
+    lacks: a 9-class bundle never predicts ``endocervical``)."""
     import torch
 
     from wsi_screen.classify import CellClassifier
@@ -386,8 +424,10 @@ def crop_probs(bundle: Path, data: Any) -> np.ndarray:
     for start in range(0, len(data), 512):
         chunk = torch.from_numpy(np.ascontiguousarray(data.crops[start : start + 512]))
         out.append(clf.predict(chunk).cpu().numpy())
-    assert clf.class_names == CLASSES, clf.class_names
-    return np.concatenate(out)
+    probs = np.concatenate(out)
+    aligned = np.zeros((len(probs), len(CLASSES)), np.float32)
+    aligned[:, [CLASSES.index(c) for c in clf.class_names]] = probs
+    return aligned
 
 
 def threshold_for(score: np.ndarray, positive: np.ndarray, sensitivity: float) -> float:
@@ -411,7 +451,7 @@ def screening_figures(
     ab = [CLASSES.index(c) for c in ABNORMAL]
     score = probs[:, ab].sum(axis=1)
     pos = np.isin(labels, ab)
-    neg_classes = [CLASSES.index(c) for c in ("NILM", "organism")]
+    neg_classes = [CLASSES.index(c) for c in NEGATIVE]
     neg = np.isin(labels, neg_classes)
     flag = score >= threshold
     pred = probs.argmax(axis=1)
@@ -434,7 +474,7 @@ def screening_figures(
     out["hsil_plus_recall_flagged"] = {"value": v, "ci95": ci, "n": n}
     v, ci, n = rate(hp, np.isin(pred, [CLASSES.index(c) for c in HSIL_PLUS]))
     out["hsil_plus_called_hsil_plus"] = {"value": v, "ci95": ci, "n": n}
-    # HSIL+ called NILM/organism (the worst error).
+    # HSIL+ called NILM/organism/endocervical (the worst error).
     v, ci, n = rate(hp, np.isin(pred, neg_classes))
     out["hsil_plus_to_negative"] = {"value": v, "ci95": ci, "n": n}
     per_class = {}
@@ -451,7 +491,7 @@ def screening_figures(
     by_source: dict[str, Any] = {}
     for src in sorted(set(sources.tolist())):
         m_src = sources == src
-        m = m_src & (labels == CLASSES.index("NILM"))
+        m = m_src & np.isin(labels, [CLASSES.index(c) for c in ("NILM", "endocervical")])
         entry: dict[str, Any] = {}
         if m.any():
             s = score[m]
@@ -564,16 +604,33 @@ def stage_ship(args: argparse.Namespace, work: Path) -> None:
     }
     if (
         args.ship in FINETUNE_FROM
-    ):  # record the earlier stages (the init is a path in WORK, not a bundle name)
+    ):  # record the earlier stages (the init is a path in WORK or a shipped bundle, not a name)
         start = FINETUNE_FROM[args.ship]
-        first = json.loads((work / "bundles" / start / CONFIG_NAME).read_text())
-        if "stages" in first["training"]:  # a third stage: the earlier ones as that bundle records them
+        start_dir = work / "bundles" / start if (work / "bundles" / start).is_dir() else BUNDLES / start
+        first = json.loads((start_dir / CONFIG_NAME).read_text())
+        if "stages" in first["training"]:  # a later stage: the earlier ones as that bundle records them
             earlier = list(first["training"]["stages"])
-            this = (
-                f"{args.ship}: from {first['name']} (the stages above), lr 5e-4, NILM and organism drawn "
-                f"{args.negative_weight} × and Herlev normal columnar cells a further "
-                f"{args.columnar_weight} × as often"
-            )
+            if args.ship == "finetune-columnar":
+                how = (
+                    f"lr 5e-4, NILM and organism drawn {args.negative_weight} × and Herlev normal columnar "
+                    f"cells a further {args.columnar_weight} × as often"
+                )
+            else:  # refit, refit-ec: the shipped bundle on the crops of today's default localizer
+                how = (
+                    f"lr 1e-3 on the crops the default localizer cuts, NILM, organism and endocervical "
+                    f"drawn {args.negative_weight} × as often"
+                    + (
+                        f", screening loss × {args.binary_loss}, epoch chosen by validation binary AUROC"
+                        if args.ship in SCREENING_LOSS_VARIANTS
+                        else ""
+                    )
+                    + (
+                        ", Herlev's normal columnar cells as a class of their own (endocervical)"
+                        if args.ship in ENDOCERVICAL_VARIANTS
+                        else ""
+                    )
+                )
+            this = f"{args.ship}: from {first['name']} (the stages above), {how}"
             init = f"{first['name']} (training.stages)"
         else:
             earlier = [
@@ -627,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--columnar-weight", type=float, default=4.0, help="finetune-columnar: Herlev normal columnar draws"
+    )
+    p.add_argument(
+        "--binary-loss", type=float, default=1.0, help="refit-ec-bin: weight of the screening loss"
     )
     p.add_argument("--arch", default="mobilenetv3_small_100")
     p.add_argument("--epochs", type=int, default=12)

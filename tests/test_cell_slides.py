@@ -177,6 +177,50 @@ def test_organisms_are_negative_and_reported() -> None:
     assert none["findings"]["organisms"]["present"] is False  # type: ignore[index]
 
 
+def _summ10(labels: list[str]) -> dict[str, object]:
+    names = [*CLASSES9[:-1], "endocervical", CLASSES9[-1]]
+    t = make_cells(["NILM"] * len(labels))
+    probs = np.full((len(labels), len(names)), 0.05 / (len(names) - 1), np.float32)
+    for i, lab in enumerate(labels):
+        probs[i, names.index(lab)] = 0.95
+    return summarize(
+        dataclasses.replace(t, probs=probs),
+        class_names=names,
+        abnormal_classes=ABNORMAL9,
+        settings=Settings(),
+        cellular_area_mm2=20.0,
+        tiles_total=100,
+        tiles_unreadable=0,
+        tiles_out_of_focus=0,
+        timings={},
+        versions={},
+    )
+
+
+def test_endocervical_cells_are_negative_not_squamous_and_reported() -> None:
+    s = _summ10(["NILM"] * 5200 + ["endocervical"] * 12 + ["artifact"] * 3)
+    assert s["triage"] == "negative"
+    ec = s["findings"]["endocervical"]  # type: ignore[index]
+    assert ec["available"] is True and ec["present"] is True and ec["confident_cells"] == 12
+    assert s["adequacy"]["squamous_cells"] == 5200  # type: ignore[index]
+    # the artifact fraction counts the 3 artifacts only, not the endocervical cells
+    frac = s["qc"]["checks"]["high_artifact_fraction"]["value"]  # type: ignore[index]
+    assert frac == pytest.approx(3 / 5215, abs=1e-4)
+    few = _summ10(["NILM"] * 5200 + ["endocervical"] * 9)
+    assert few["findings"]["endocervical"]["present"] is False  # type: ignore[index]
+    # a model without the class: the finding says it is not available
+    nine = _summ9(["NILM"] * 5200)
+    assert nine["findings"]["endocervical"]["available"] is False  # type: ignore[index]
+
+
+def test_the_endocervical_class_map_keeps_columnar_cells_apart() -> None:
+    plain, ec = load_class_map("herlev-bethesda"), load_class_map("herlev-bethesda-endocervical")
+    assert ec["normal_columnar"] == "endocervical" and plain["normal_columnar"] == "NILM"
+    assert {k: v for k, v in ec.items() if k != "normal_columnar"} == {
+        k: v for k, v in plain.items() if k != "normal_columnar"
+    }
+
+
 def test_the_export_threshold_comes_from_the_classifier_bundle() -> None:
     from wsi_screen.models.bundle import load_bundle
     from wsi_screen.pipeline import FALLBACK_FLAG_SCORE, resolve_flag_threshold

@@ -626,3 +626,78 @@ def test_a_given_split_is_used_as_is(tmp_path: Path) -> None:
         )
     with pytest.raises(DataError, match="outside"):
         train_classifier(data, tmp_path / "d", config=cfg, split={"train": [0, 99]}, progress=False)
+
+
+def test_merge_class_relabels_and_drops_the_class() -> None:
+    """CropSet.merge_class: endocervical crops become NILM for a model without that class."""
+    from wsi_screen.train.classifier import _abnormal_default
+    from wsi_screen.train.data import CropSet, DataError
+
+    names = ["NILM", "HSIL", "endocervical", "artifact"]
+    data = CropSet(
+        crops=np.zeros((5, 8, 8, 3), np.uint8),
+        labels=np.array([0, 1, 2, 2, 3], np.int64),
+        groups=np.array(list("abcde")),
+        class_names=names,
+        mpp=0.25,
+        sources=np.array(["test"] * 5),
+    )
+    merged = data.merge_class("endocervical", "NILM")
+    assert merged.class_names == ["NILM", "HSIL", "artifact"]
+    assert [merged.class_names[i] for i in merged.labels] == ["NILM", "HSIL", "NILM", "NILM", "artifact"]
+    assert _abnormal_default(names) == ["HSIL"]  # endocervical cells are NILM
+    with pytest.raises(DataError, match="cannot merge"):
+        data.merge_class("AGC", "NILM")
+
+
+def test_binary_loss_adds_the_log_loss_of_the_screening_score() -> None:
+    """binary_loss: CE + w × −log(summed probability of the true side: abnormal or the rest)."""
+    import torch
+    import torch.nn.functional as F
+
+    from wsi_screen.train.classifier import TrainConfig, _loss_fn
+
+    logits = torch.tensor([[2.0, 0.5, 0.1, -1.0], [0.3, 1.2, 0.9, 0.0]])
+    target = torch.tensor([0, 2])  # a NILM crop and an abnormal one; classes 1 and 2 are abnormal
+    ce = F.cross_entropy(logits, target)
+    p = torch.softmax(logits, dim=1)
+    by_hand = -(torch.log(p[0, [0, 3]].sum()) + torch.log(p[1, [1, 2]].sum())) / 2
+    plain = _loss_fn(TrainConfig(), None, [1, 2])(logits, target)
+    both = _loss_fn(TrainConfig(binary_loss=0.5), None, [1, 2])(logits, target)
+    assert float(plain) == pytest.approx(float(ce), rel=1e-6)
+    assert float(both) == pytest.approx(float(ce + 0.5 * by_hand), rel=1e-5)
+    with pytest.raises(ValueError, match="binary_loss"):
+        TrainConfig(binary_loss=-1.0)
+
+
+def test_training_can_select_the_epoch_by_the_screening_auroc(tmp_path: Path) -> None:
+    from wsi_screen.train.classifier import TrainConfig, train_classifier
+    from wsi_screen.train.data import CropSet
+
+    rng = np.random.default_rng(1)
+    n = 24
+    data = CropSet(
+        crops=rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
+        labels=np.arange(n, dtype=np.int64) % 3,
+        groups=np.array([f"g{i}" for i in range(n)]),
+        class_names=["NILM", "HSIL", "organism"],
+        mpp=0.25,
+        sources=np.array(["test"] * n),
+    )
+    cfg = TrainConfig(
+        arch="mobilenetv3_small_050",
+        epochs=2,
+        batch_size=8,
+        device="cpu",
+        seed=0,
+        binary_loss=1.0,
+        monitor="binary_auroc",
+    )
+    split = {"train": np.arange(0, 16), "val": np.arange(16, 24)}
+    res = train_classifier(data, tmp_path / "b", config=cfg, split=split, progress=False)
+    aurocs = [row["val_binary_auroc"] for row in res.history]
+    assert len(aurocs) == 2 and all(0.0 <= a <= 1.0 for a in aurocs)
+    # the kept epoch is the first with the highest validation screening AUROC
+    assert res.history[res.best_epoch - 1]["val_binary_auroc"] == max(aurocs)
+    assert aurocs.index(max(aurocs)) == res.best_epoch - 1
+    assert res.bundle.config.training["recipe"]["binary_loss"] == 1.0

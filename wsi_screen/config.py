@@ -190,7 +190,7 @@ class AdequacySettings(_Section):
     min_squamous_cells: int = Field(5000, ge=0, description="cells needed for an adequate specimen")
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="a cell counts if max prob ≥ this")
     exclude_classes: list[str] = Field(
-        default_factory=lambda: ["artifact", "organism"],
+        default_factory=lambda: ["artifact", "organism", "endocervical"],
         description="predicted classes that are not well-preserved squamous cells",
     )
 
@@ -237,6 +237,11 @@ class TriageSettings(_Section):
     review_categories: list[str] = Field(default_factory=lambda: ["ASC-US", "LSIL"])
     min_organism_cells: int = Field(
         3, ge=1, description="confident organism cells that raise the slide's organism finding (NILM)"
+    )
+    min_endocervical_cells: int = Field(
+        10,
+        ge=1,
+        description="confident endocervical cells for the transformation-zone finding (Bethesda: 10)",
     )
     min_cellular_area_mm2: float = Field(0.05, ge=0.0, description="QC: less cellular area is flagged")
     max_artifact_fraction: float = Field(0.5, ge=0.0, le=1.0, description="QC: flag above this")

@@ -72,6 +72,7 @@ CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     "SCC": (123, 31, 162),
     "AGC": (2, 136, 209),
     "organism": (0, 137, 123),
+    "endocervical": (104, 159, 56),
     "artifact": (117, 117, 117),
 }
 

@@ -956,6 +956,16 @@ def build_report(
             f"{_e(_fmt(org.get('threshold')))} needed)"
         )
         qc_html += f'<div class="muted">{org_txt}</div>'
+    ec = ((summary.get("findings") or {}).get("endocervical")) or {}
+    if ec.get("available"):
+        n_ec = ec.get("confident_cells", 0)
+        ec_txt = (
+            f"Transformation-zone component present: {_e(_fmt(n_ec))} confident endocervical cells (NILM)"
+            if ec.get("present")
+            else f"No transformation-zone component ({_e(_fmt(n_ec))} confident endocervical cells, "
+            f"{_e(_fmt(ec.get('threshold')))} needed)"
+        )
+        qc_html += f'<div class="muted">{ec_txt}</div>'
 
     op_html = _operating_point_html(summary.get("operating_point"))
 

@@ -59,6 +59,11 @@ TRIAGE_LEVELS = ("priority", "review", "unsatisfactory", "negative")
 
 #: The class of organisms (NILM under Bethesda): a slide finding, not an abnormal cell.
 ORGANISM_CLASS = "organism"
+#: The class of normal endocervical (columnar) cells: NILM, not squamous; their presence is the
+#: transformation-zone component of the Bethesda adequacy statement.
+ENDOCERVICAL_CLASS = "endocervical"
+#: Excluded classes that are real, well-preserved NILM cells rather than artifacts.
+_NOT_ARTIFACT = (ORGANISM_CLASS, ENDOCERVICAL_CLASS)
 
 
 def _finite(value: float, ndigits: int = 6) -> float | None:
@@ -253,9 +258,9 @@ def summarize(
     }
 
     # -- QC ---------------------------------------------------------------------------------------
-    # Organisms are excluded from the squamous count but are no artifact: the artifact fraction counts
-    # the excluded classes other than "organism".
-    artifact_like = [names.index(c) for c in excluded if c != ORGANISM_CLASS]
+    # Organisms and endocervical cells are excluded from the squamous count but are no artifact: the
+    # artifact fraction counts the other excluded classes.
+    artifact_like = [names.index(c) for c in excluded if c not in _NOT_ARTIFACT]
     artifact_fraction = float(np.isin(labels, artifact_like).mean()) if n else None
     oof = tiles_out_of_focus / tiles_total if tiles_total else 0.0
     unread = tiles_unreadable / tiles_total if tiles_total else 0.0
@@ -276,7 +281,7 @@ def summarize(
             tri.max_artifact_fraction,
             "fraction of cells",
             "many cells are predicted as "
-            + (", ".join(c for c in excluded if c != ORGANISM_CLASS) or "artifact"),
+            + (", ".join(c for c in excluded if c not in _NOT_ARTIFACT) or "artifact"),
         ),
         "out_of_focus_tiles": _check(
             oof > tri.max_out_of_focus_fraction,
@@ -345,6 +350,17 @@ def summarize(
         "threshold": tri.min_organism_cells,
         "note": "organisms (trichomonas, candida, shift in flora, herpes, actinomyces) are NILM",
     }
+    n_ec = confident_counts.get(ENDOCERVICAL_CLASS, 0)
+    endocervical = {
+        "available": ENDOCERVICAL_CLASS in names,
+        "confident_cells": int(n_ec),
+        "present": bool(ENDOCERVICAL_CLASS in names and n_ec >= tri.min_endocervical_cells),
+        "threshold": tri.min_endocervical_cells,
+        "note": (
+            "normal endocervical cells are NILM; present = the transformation-zone component of the "
+            "Bethesda adequacy statement (>= threshold well-preserved cells)"
+        ),
+    }
 
     # -- top cells --------------------------------------------------------------------------------
     top = top_cell_indices(score, settings.output.top_n, tiebreak=sev)
@@ -386,7 +402,7 @@ def summarize(
         },
         "adequacy": adequacy,
         "qc": qc,
-        "findings": {"organisms": organisms},
+        "findings": {"organisms": organisms, "endocervical": endocervical},
         "cellular_area_mm2": _finite(cellular_area_mm2, 4),
         "tiles": {
             "processed": int(tiles_total),

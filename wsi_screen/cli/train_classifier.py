@@ -287,6 +287,13 @@ def crops_from_options(
     help="Focal loss instead of cross-entropy (gamma default 2).",
 )
 @click.option("--label-smoothing", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True)
+@click.option(
+    "--binary-loss",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Add this weight × the log loss of the screening score (abnormal classes against the rest).",
+)
 @click.option("--no-augment", is_flag=True, help="No augmentation (flips, rotations, scale, blur, colour).")
 @click.option(
     "--hed-jitter",
@@ -309,10 +316,10 @@ def crops_from_options(
 )
 @click.option(
     "--monitor",
-    type=click.Choice(["macro_f1", "accuracy", "loss"]),
+    type=click.Choice(["macro_f1", "accuracy", "loss", "binary_auroc"]),
     default="macro_f1",
     show_default=True,
-    help="Validation figure for model selection and early stopping.",
+    help="Validation figure for model selection and early stopping (binary_auroc: the screening score's).",
 )
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.15, show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0.0, 0.9), default=0.15, show_default=True)
@@ -430,6 +437,7 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
             class_weights=kw["class_weights"],
             balanced_sampler=kw["balanced"],
             label_smoothing=kw["label_smoothing"],
+            binary_loss=kw["binary_loss"],
             augment=augment,
             freeze_epochs=kw["freeze_epochs"],
             init=kw["init"],

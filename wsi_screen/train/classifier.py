@@ -10,10 +10,13 @@ The recipe (every part is a :class:`TrainConfig` field and a ``wsi-screen train 
   backbone stays frozen for the first epochs (only the head learns) — useful only when starting from a
   bundle.
 - **loss**: cross-entropy or focal loss (``focal_gamma``), optional class weights ∝ 1/frequency
-  (``class_weights="balanced"``) or a class-balanced sampler (``balanced_sampler``); label smoothing.
+  (``class_weights="balanced"``) or a class-balanced sampler (``balanced_sampler``); label smoothing;
+  ``binary_loss`` adds that weight × the log loss of the screening score itself (the summed
+  probability of the abnormal classes against the rest), which the per-class loss does not train.
 - **optimizer**: AdamW, linear warm-up then cosine decay per step.
 - **augmentation**: :mod:`wsi_screen.train.augment`.
 - **model selection / early stopping** on the validation split (``monitor``, default macro F1;
+  ``binary_auroc``: the AUROC of the screening score, abnormal classes against the rest;
   ``patience`` epochs without improvement stops training); the best epoch's weights are kept.
 - **checkpoints**: ``<work>/last.pt`` after every epoch (model, optimizer, scheduler, RNG states,
   history, best weights); ``resume=True`` continues from it. Loaded with ``torch.load(weights_only=True)``.
@@ -73,7 +76,7 @@ DEFAULT_ARCH = "mobilenetv3_small_100"
 CHECKPOINT_NAME = "last.pt"
 SPLIT_NAME = "split.json"
 _CHECKPOINT_FORMAT = 1
-_NORMAL = ("NILM", "organism", "artifact")
+_NORMAL = ("NILM", "organism", "endocervical", "artifact")
 
 
 class TrainingError(WsiScreenError, RuntimeError):
@@ -95,11 +98,12 @@ class TrainConfig:
     class_weights: Literal["none", "balanced"] = "none"
     balanced_sampler: bool = False
     label_smoothing: float = 0.0
+    binary_loss: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     freeze_epochs: int = 0
     init: str | None = None
     patience: int = 8
-    monitor: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
+    monitor: Literal["macro_f1", "accuracy", "loss", "binary_auroc"] = "macro_f1"
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -119,6 +123,8 @@ class TrainConfig:
             raise ValueError("freeze_epochs and patience must be ≥ 0")
         if self.focal_gamma is not None and self.focal_gamma < 0:
             raise ValueError("focal_gamma must be ≥ 0")
+        if self.binary_loss < 0:
+            raise ValueError("binary_loss must be ≥ 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -305,11 +311,26 @@ def _dataset_mean_std(
     return [round(float(m), 4) for m in mean], [round(float(max(s, 1e-3)), 4) for s in std]
 
 
-def _loss_fn(cfg: TrainConfig, weights: torch.Tensor | None) -> Any:
+def _loss_fn(cfg: TrainConfig, weights: torch.Tensor | None, abnormal: Sequence[int] = ()) -> Any:
+    """The training loss: the per-class loss, plus ``cfg.binary_loss`` × the log loss of the
+    screening score (the summed probability of the ``abnormal`` class indices)."""
     import torch
     import torch.nn.functional as F
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        base = per_class(logits, target)
+        if cfg.binary_loss <= 0 or not abnormal:
+            return base
+        n_cls = logits.shape[1]
+        is_ab = torch.zeros(n_cls, dtype=torch.bool, device=logits.device)
+        is_ab[list(abnormal)] = True
+        logp = F.log_softmax(logits.float(), dim=1)
+        log_ab = torch.logsumexp(logp.masked_fill(~is_ab, -math.inf), dim=1)
+        log_rest = torch.logsumexp(logp.masked_fill(is_ab, -math.inf), dim=1)
+        binary = -torch.where(is_ab[target], log_ab, log_rest).mean()
+        return base + cfg.binary_loss * binary
+
+    def per_class(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if cfg.focal_gamma is None:
             return F.cross_entropy(logits, target, weight=weights, label_smoothing=cfg.label_smoothing)
         logp = F.log_softmax(logits.float(), dim=1)
@@ -554,7 +575,7 @@ def train_classifier(
     if cfg.class_weights == "balanced":
         w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, int((counts > 0).sum())), 0.0)
         weights_t = torch.tensor(w, dtype=torch.float32, device=device)
-    loss_fn = _loss_fn(cfg, weights_t)
+    loss_fn = _loss_fn(cfg, weights_t, [names.index(c) for c in abnormal])
 
     per_epoch = cfg.samples_per_epoch or len(tr_idx)
     steps_per_epoch = max(1, math.ceil(per_epoch / cfg.batch_size))
@@ -690,10 +711,12 @@ def train_classifier(
             row["val_accuracy"] = m["accuracy"]
             row["val_macro_f1"] = m["macro_f1"]
             row["val_hsil_recall"] = m["hsil"]["recall"]
+            row["val_binary_auroc"] = m["needs_review"].get("auroc")
             score = {
                 "macro_f1": m["macro_f1"] or 0.0,
                 "accuracy": m["accuracy"],
                 "loss": -row["val_loss"],
+                "binary_auroc": row["val_binary_auroc"] or 0.0,
             }[cfg.monitor]
         else:
             score = float(epoch)  # no validation: keep the last epoch

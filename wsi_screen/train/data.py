@@ -106,7 +106,7 @@ logger = logging.getLogger(__name__)
 #: default class set of a crop folder without a class map.
 BETHESDA_CLASSES: tuple[str, ...] = ("NILM", "ASC-US", "LSIL", "HSIL", "artifact")
 #: Other Bethesda names accepted as class names (kept in this order after the five above).
-_EXTRA_ORDER: tuple[str, ...] = ("ASC-H", "AGC", "AIS", "SCC", "organism")
+_EXTRA_ORDER: tuple[str, ...] = ("ASC-H", "AGC", "AIS", "SCC", "organism", "endocervical")
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 #: How crop-folder crops get their Reinhard source statistics: pooled over the crop's group
 #: (default), per crop, over the whole dataset, or no normalization at all.
@@ -325,6 +325,25 @@ class CropSet:
             sources=self.sources,
             info=dict(self.info),
         )
+
+    def merge_class(self, name: str, into: str) -> CropSet:
+        """The same crops with class ``name`` relabelled as ``into`` and dropped from the class list
+        (e.g. ``endocervical`` → ``NILM`` for a model without that class)."""
+        if name not in self.class_names or into not in self.class_names:
+            raise DataError(f"cannot merge {name!r} into {into!r}: classes are {self.class_names}")
+        labels = np.where(
+            self.labels == self.class_names.index(name), self.class_names.index(into), self.labels
+        )
+        merged = CropSet(
+            crops=self.crops,
+            labels=labels,
+            groups=self.groups,
+            class_names=self.class_names,
+            mpp=self.mpp,
+            sources=self.sources,
+            info=dict(self.info),
+        )
+        return merged.with_classes([c for c in self.class_names if c != name])
 
     @staticmethod
     def concat(sets: Sequence[CropSet], *, info: Mapping[str, Any] | None = None) -> CropSet:
