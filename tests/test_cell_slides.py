@@ -127,18 +127,18 @@ def test_lbc_cells_class_map_keeps_the_classes_apart() -> None:
         assert folders <= set(m), folders - set(m)
 
 
-def _table9(labels: list[str], p: float = 0.95) -> object:
+def _table9(labels: list[str], p: float = 0.95, names: list[str] = CLASSES9) -> object:
     t = make_cells(["NILM"] * len(labels))
-    probs = np.full((len(labels), len(CLASSES9)), (1 - p) / (len(CLASSES9) - 1), np.float32)
+    probs = np.full((len(labels), len(names)), (1 - p) / (len(names) - 1), np.float32)
     for i, lab in enumerate(labels):
-        probs[i, CLASSES9.index(lab)] = p
+        probs[i, names.index(lab)] = p
     return dataclasses.replace(t, probs=probs)
 
 
-def _summ9(labels: list[str]) -> dict[str, object]:
+def _summ9(labels: list[str], names: list[str] = CLASSES9) -> dict[str, object]:
     return summarize(
-        _table9(labels),  # type: ignore[arg-type]
-        class_names=CLASSES9,
+        _table9(labels, names=names),  # type: ignore[arg-type]
+        class_names=names,
         abnormal_classes=ABNORMAL9,
         settings=Settings(),
         cellular_area_mm2=20.0,
@@ -178,23 +178,9 @@ def test_organisms_are_negative_and_reported() -> None:
 
 
 def _summ10(labels: list[str]) -> dict[str, object]:
+    """_summ9 with a 10th class, ``endocervical`` (before ``artifact``)."""
     names = [*CLASSES9[:-1], "endocervical", CLASSES9[-1]]
-    t = make_cells(["NILM"] * len(labels))
-    probs = np.full((len(labels), len(names)), 0.05 / (len(names) - 1), np.float32)
-    for i, lab in enumerate(labels):
-        probs[i, names.index(lab)] = 0.95
-    return summarize(
-        dataclasses.replace(t, probs=probs),
-        class_names=names,
-        abnormal_classes=ABNORMAL9,
-        settings=Settings(),
-        cellular_area_mm2=20.0,
-        tiles_total=100,
-        tiles_unreadable=0,
-        tiles_out_of_focus=0,
-        timings={},
-        versions={},
-    )
+    return _summ9(labels, names=names)
 
 
 def test_endocervical_cells_are_negative_not_squamous_and_reported() -> None:

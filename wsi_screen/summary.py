@@ -342,25 +342,27 @@ def summarize(
         reason += "; specimen below the adequacy threshold"
 
     # -- findings (NILM: reported, never a reason for review) ---------------------------------------
-    n_org = confident_counts.get(ORGANISM_CLASS, 0)
-    organisms = {
-        "available": ORGANISM_CLASS in names,
-        "confident_cells": int(n_org),
-        "present": bool(ORGANISM_CLASS in names and n_org >= tri.min_organism_cells),
-        "threshold": tri.min_organism_cells,
-        "note": "organisms (trichomonas, candida, shift in flora, herpes, actinomyces) are NILM",
-    }
-    n_ec = confident_counts.get(ENDOCERVICAL_CLASS, 0)
-    endocervical = {
-        "available": ENDOCERVICAL_CLASS in names,
-        "confident_cells": int(n_ec),
-        "present": bool(ENDOCERVICAL_CLASS in names and n_ec >= tri.min_endocervical_cells),
-        "threshold": tri.min_endocervical_cells,
-        "note": (
-            "normal endocervical cells are NILM; present = the transformation-zone component of the "
-            "Bethesda adequacy statement (>= threshold well-preserved cells)"
-        ),
-    }
+    def finding(cls: str, threshold: int, note: str) -> dict[str, Any]:
+        n_cls = int(confident_counts.get(cls, 0))
+        return {
+            "available": cls in names,
+            "confident_cells": n_cls,
+            "present": bool(cls in names and n_cls >= threshold),
+            "threshold": threshold,
+            "note": note,
+        }
+
+    organisms = finding(
+        ORGANISM_CLASS,
+        tri.min_organism_cells,
+        "organisms (trichomonas, candida, shift in flora, herpes, actinomyces) are NILM",
+    )
+    endocervical = finding(
+        ENDOCERVICAL_CLASS,
+        tri.min_endocervical_cells,
+        "normal endocervical cells are NILM; present = the transformation-zone component of the "
+        "Bethesda adequacy statement (>= threshold well-preserved cells)",
+    )
 
     # -- top cells --------------------------------------------------------------------------------
     top = top_cell_indices(score, settings.output.top_n, tiebreak=sev)
