@@ -946,26 +946,25 @@ def build_report(
         f'<ul class="qc">{"".join(qc_items)}</ul>' if qc_items else '<div class="muted">No QC data</div>'
     )
 
-    org = ((summary.get("findings") or {}).get("organisms")) or {}
-    if org.get("available"):
-        n_org = org.get("confident_cells", 0)
-        org_txt = (
-            f"Organisms present: {_e(_fmt(n_org))} confident organism cells (NILM; not a reason for review)"
-            if org.get("present")
-            else f"No organism finding ({_e(_fmt(n_org))} confident organism cells, "
-            f"{_e(_fmt(org.get('threshold')))} needed)"
-        )
-        qc_html += f'<div class="muted">{org_txt}</div>'
-    ec = ((summary.get("findings") or {}).get("endocervical")) or {}
-    if ec.get("available"):
-        n_ec = ec.get("confident_cells", 0)
-        ec_txt = (
-            f"Transformation-zone component present: {_e(_fmt(n_ec))} confident endocervical cells (NILM)"
-            if ec.get("present")
-            else f"No transformation-zone component ({_e(_fmt(n_ec))} confident endocervical cells, "
-            f"{_e(_fmt(ec.get('threshold')))} needed)"
-        )
-        qc_html += f'<div class="muted">{ec_txt}</div>'
+    findings = summary.get("findings") or {}
+    for key, what, present, absent in (
+        ("organisms", "organism", "Organisms present", "No organism finding"),
+        (
+            "endocervical",
+            "endocervical",
+            "Transformation-zone component present",
+            "No transformation-zone component",
+        ),
+    ):
+        f = findings.get(key) or {}
+        if f.get("available"):
+            n = _e(_fmt(f.get("confident_cells", 0)))
+            txt = (
+                f"{present}: {n} confident {what} cells (NILM; not a reason for review)"
+                if f.get("present")
+                else f"{absent} ({n} confident {what} cells, {_e(_fmt(f.get('threshold')))} needed)"
+            )
+            qc_html += f'<div class="muted">{txt}</div>'
 
     op_html = _operating_point_html(summary.get("operating_point"))
 
