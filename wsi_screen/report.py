@@ -958,11 +958,11 @@ def build_report(
     ):
         f = findings.get(key) or {}
         if f.get("available"):
-            n = _e(_fmt(f.get("confident_cells", 0)))
+            n_txt = _e(_fmt(f.get("confident_cells", 0)))
             txt = (
-                f"{present}: {n} confident {what} cells (NILM; not a reason for review)"
+                f"{present}: {n_txt} confident {what} cells (NILM; not a reason for review)"
                 if f.get("present")
-                else f"{absent} ({n} confident {what} cells, {_e(_fmt(f.get('threshold')))} needed)"
+                else f"{absent} ({n_txt} confident {what} cells, {_e(_fmt(f.get('threshold')))} needed)"
             )
             qc_html += f'<div class="muted">{txt}</div>'
 
