@@ -496,7 +496,11 @@ def eval_real(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if not path.is_file():
             real_slides.build(args.data, args.manifest, args.real_part, slides_dir, which=[kind])
         paths.append((kind, path))
-    overrides: dict[str, Any] = {"localization.model": args.bundle, "adequacy.min_squamous_cells": 0}
+    overrides: dict[str, Any] = {
+        "localization.model": args.bundle,
+        "adequacy.min_squamous_cells": 0,
+        **dict(args.set),
+    }
     if args.no_stain:
         overrides["stain.enabled"] = False
     settings = load_settings(overrides=overrides)
@@ -578,7 +582,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--manifest", type=Path, default=ROOT / "pipelines" / "splits" / "real.json")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting for every slide screened (as wsi-screen run --set), e.g. "
+        "localization.min_peak_distance_um=2.5; choose it on --real-part val",
+    )
     args = p.parse_args(argv)
+    from wsi_screen.config import parse_override
+
+    args.set = [parse_override(text) for text in args.set]
 
     import torch
 
@@ -589,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_torch()
     device = resolve_device(args.device)
-    settings = load_settings(overrides={"stain.enabled": False} if args.no_stain else None)
+    settings = load_settings(
+        overrides={**dict(args.set), **({"stain.enabled": False} if args.no_stain else {})}
+    )
     bundle = load_bundle(args.bundle, task="localization")
     localizer = Localizer(bundle, settings=settings.localization, device=device)
     result: dict[str, Any] = {

@@ -52,6 +52,12 @@ Stages (``--stages``, default all, in this order):
     glass (the box without its content) are compared with the same slides composed from other cells
     (of other classes and box sizes): identical pixels mean no box shape or seam survives.
     ``WORK/ablation.json``.
+``cross-source`` (only when asked for)
+    Issue 14's cross-source table on what two sources share, NILM against LSIL and HSIL
+    (:data:`CROSS_SIDES`): one 3-class model trained on each side's train part (from ``cyto-synth-v1``,
+    which has seen no real cell; model chosen on that side's val part), scored on the test part of
+    both sides and on every part of the other side (cells it has never seen), next to the shipped
+    ``cyto-real-v1`` (both sides, its classes pooled onto the three). ``WORK/cross-source.json``.
 ``ship``
     Copies the ``--ship`` variant to ``wsi_screen/models/bundles/<--name>`` with its figures and its
     ``thresholds.flag_score`` (the validation threshold above), which ``run_slide`` uses as the
@@ -86,7 +92,17 @@ ABNORMAL = ["ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC"]
 #: NILM under Bethesda (the binary negatives; artifacts are neither).
 NEGATIVE = ["NILM", "organism", "endocervical"]
 HSIL_PLUS = ["HSIL", "SCC"]
-STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship")
+STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship", "cross-source")
+#: Stages run when ``--stages`` is not given (``cross-source`` trains two extra models: asked for only).
+DEFAULT_STAGES = STAGES[:-1]
+#: The classes both sides of the cross-source table share (issue 14, item 3).
+CROSS_CLASSES = ["NILM", "LSIL", "HSIL"]
+#: The two sides of the cross-source table: what each holds, from the crops of every part.
+CROSS_SIDES = {
+    "herlev": "Herlev: normal cells (squamous and columnar) NILM; light dysplasia LSIL; moderate, severe "
+    "dysplasia and carcinoma in situ HSIL",
+    "lbc": "LBC: lbc-nuclei field nuclei and lbc-cells organisms NILM; lbc-cells LSIL and HSIL",
+}
 #: Herlev's normal folders by kind (reported apart: the per-source bar is on NILM squamous cells).
 HERLEV_NORMAL_KINDS = {
     "squamous": ["normal_superficiel", "normal_intermediate"],
@@ -411,8 +427,8 @@ def _cluster_bootstrap(
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
 
 
-def crop_probs(bundle: Path, data: Any) -> np.ndarray:
-    """Class probabilities of ``data`` in the columns of :data:`CLASSES` (0 for a class the bundle
+def crop_probs(bundle: Path, data: Any, classes: list[str] = CLASSES) -> np.ndarray:
+    """Class probabilities of ``data`` in the columns of ``classes`` (0 for a class the bundle
     lacks: a 9-class bundle never predicts ``endocervical``)."""
     import torch
 
@@ -424,9 +440,10 @@ def crop_probs(bundle: Path, data: Any) -> np.ndarray:
     for start in range(0, len(data), 512):
         chunk = torch.from_numpy(np.ascontiguousarray(data.crops[start : start + 512]))
         out.append(clf.predict(chunk).cpu().numpy())
-    probs = np.concatenate(out)
-    aligned = np.zeros((len(probs), len(CLASSES)), np.float32)
-    aligned[:, [CLASSES.index(c) for c in clf.class_names]] = probs
+    probs = np.concatenate(out) if out else np.zeros((0, len(clf.class_names)), np.float32)
+    aligned = np.zeros((len(probs), len(classes)), np.float32)
+    cols = [k for k, c in enumerate(clf.class_names) if c in classes]
+    aligned[:, [classes.index(clf.class_names[k]) for k in cols]] = probs[:, cols]
     return aligned
 
 
@@ -657,12 +674,209 @@ def stage_ship(args: argparse.Namespace, work: Path) -> None:
     logger.info("shipped %s → %s", src, dest)
 
 
+def cross_source_side(data: Any, side: str) -> Any:
+    """The crops of one side of the cross-source table (:data:`CROSS_SIDES`), labelled in
+    :data:`CROSS_CLASSES` (endocervical and organism count as NILM; other classes are left out)."""
+    from wsi_screen.train.data import CropSet
+
+    names = np.asarray(data.class_names)[data.labels]
+    src = np.asarray(data.sources).astype(str)
+    if side == "herlev":
+        keep = (src == "herlev") & np.isin(names, ["NILM", "endocervical", "LSIL", "HSIL"])
+    elif side == "lbc":
+        keep = ((src == "lbc_nuclei") & (names == "NILM")) | (
+            (src == "lbc_cells") & np.isin(names, ["organism", "LSIL", "HSIL"])
+        )
+    else:
+        raise ValueError(f"unknown cross-source side {side!r}; choose one of {sorted(CROSS_SIDES)}")
+    idx = np.flatnonzero(keep)
+    pooled = {"endocervical": "NILM", "organism": "NILM"}
+    labels = np.array([CROSS_CLASSES.index(pooled.get(n, n)) for n in names[idx]], np.int64)
+    sub = data.subset(idx)
+    return CropSet(
+        crops=sub.crops,
+        labels=labels,
+        groups=sub.groups,
+        class_names=list(CROSS_CLASSES),
+        mpp=sub.mpp,
+        sources=sub.sources,
+        info={**sub.info, "cross_source_side": side},
+    )
+
+
+#: How the shipped classes pool onto :data:`CROSS_CLASSES` for the reference row (its own score
+#: stays the sum of the abnormal classes): the low-grade and high-grade squamous and glandular classes.
+CROSS_POOL = {
+    "NILM": ["NILM", "organism", "endocervical", "artifact"],
+    "LSIL": ["ASC-US", "LSIL"],
+    "HSIL": ["ASC-H", "HSIL", "SCC", "AGC"],
+}
+
+
+def cross_figures(
+    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, threshold: float, *, seed: int = 0
+) -> dict[str, Any]:
+    """Figures of 3-class probabilities (columns :data:`CROSS_CLASSES`) at a binary ``threshold`` on
+    P(LSIL) + P(HSIL): accuracy, balanced accuracy, binary AUROC, sensitivity and specificity, and
+    class recall of LSIL and HSIL, with 95 % intervals from a bootstrap over groups (cells)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    pred = probs.argmax(axis=1)
+    score = probs[:, 1:].sum(axis=1)
+    pos = labels > 0
+    flag = score >= threshold
+
+    def rate(mask: np.ndarray, hit: np.ndarray) -> dict[str, Any]:
+        sel = np.flatnonzero(mask)
+        if not len(sel):
+            return {"value": None, "ci95": [math.nan, math.nan], "n": 0}
+        return {
+            "value": float(hit[sel].mean()),
+            "ci95": _cluster_bootstrap(hit[sel], groups[sel], rng),
+            "n": len(sel),
+        }
+
+    correct = pred == labels
+    per_class = [float(correct[labels == k].mean()) for k in range(len(CROSS_CLASSES)) if (labels == k).any()]
+    return {
+        "n": {c: int((labels == k).sum()) for k, c in enumerate(CROSS_CLASSES)},
+        "accuracy": rate(np.ones(len(labels), bool), correct),
+        "balanced_accuracy": float(np.mean(per_class)),
+        "auroc_binary": float(roc_auc_score(pos, score)) if 0 < pos.sum() < len(pos) else None,
+        "auroc_binary_ci95": _auroc_bootstrap(score, pos, groups, rng),
+        "threshold": threshold,
+        "sensitivity": rate(pos, flag),
+        "specificity": rate(~pos, ~flag),
+        "lsil_recall": rate(labels == 1, pred == 1),
+        "hsil_recall": rate(labels == 2, pred == 2),
+    }
+
+
+def _auroc_bootstrap(
+    score: np.ndarray, positive: np.ndarray, groups: np.ndarray, rng: np.random.Generator, reps: int = 500
+) -> list[float]:
+    """95 % percentile interval of the binary AUROC, resampling whole groups (cells) with replacement."""
+    from sklearn.metrics import roc_auc_score
+
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    vals = []
+    for _ in range(reps):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < positive[idx].sum() < len(idx):
+            vals.append(roc_auc_score(positive[idx], score[idx]))
+    if not vals:
+        return [math.nan, math.nan]
+    return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
+
+
+def _pool_probs(probs: np.ndarray) -> np.ndarray:
+    """Probabilities in the columns of :data:`CLASSES` pooled onto :data:`CROSS_CLASSES`."""
+    return np.stack(
+        [probs[:, [CLASSES.index(c) for c in CROSS_POOL[k]]].sum(axis=1) for k in CROSS_CLASSES], axis=1
+    )
+
+
+def stage_cross_source(args: argparse.Namespace, work: Path) -> None:
+    from wsi_screen.train.augment import AugmentConfig
+    from wsi_screen.train.classifier import TrainConfig, train_classifier
+    from wsi_screen.train.data import CropSet
+
+    parts = {part: _load(work, part) for part in PARTS}
+    sides = {s: {part: cross_source_side(parts[part], s) for part in PARTS} for s in CROSS_SIDES}
+    models: dict[str, Path] = {}
+    for side in CROSS_SIDES:
+        out = work / "bundles" / f"cross-{side}"
+        models[side] = out
+        if (out / "bundle.json").is_file() and "cross-source" not in args.force:
+            continue
+        train, val = sides[side]["train"], sides[side]["val"]
+        data = CropSet.concat([train, val])
+        cfg = TrainConfig(
+            arch=args.arch,
+            epochs=args.epochs,
+            batch_size=64,
+            lr=2e-3,
+            warmup_epochs=1.0,
+            balanced_sampler=True,
+            label_smoothing=0.05,
+            augment=AugmentConfig(),
+            init="cyto-synth-v1",
+            patience=args.epochs,
+            threads=args.threads,
+            seed=args.seed,
+            samples_per_epoch=args.samples_per_epoch,
+            half=True,
+        )
+        t0 = time.perf_counter()
+        res = train_classifier(
+            data.with_classes(CROSS_CLASSES),
+            out,
+            config=cfg,
+            name=f"cross-{side}",
+            class_names=CROSS_CLASSES,
+            abnormal_classes=["LSIL", "HSIL"],
+            work_dir=work / "bundles" / f"cross-{side}.train",
+            resume=True,
+            split={"train": np.arange(len(train)), "val": np.arange(len(train), len(data))},
+            description=f"Cross-source table only (issue 14): trained on one source. {CROSS_SIDES[side]}.",
+            intended_use="Measuring how a model trained on one source does on another; not for screening.",
+            limitations="Three classes, one source: research measurement only.",
+        )
+        logger.info("trained cross-%s in %.0f s: %s", side, time.perf_counter() - t0, res)
+
+    shipped = BUNDLES / "cyto-real-v1"
+    res: dict[str, Any] = {
+        "sides": CROSS_SIDES,
+        "classes": CROSS_CLASSES,
+        "reference_pooling": CROSS_POOL,
+        "threshold_rule": (
+            f"largest P(LSIL)+P(HSIL) with binary sensitivity ≥ {args.val_sensitivity} on the val part of "
+            "the side the model was trained on (cyto-real-v1: of both sides)"
+        ),
+        "rows": [],
+    }
+    trained_on = {**{side: [side] for side in CROSS_SIDES}, "cyto-real-v1": list(CROSS_SIDES)}
+    for name, on in trained_on.items():
+
+        def probs_of(d: Any, name: str = name) -> np.ndarray:
+            if name == "cyto-real-v1":
+                return _pool_probs(crop_probs(shipped, d))
+            return crop_probs(models[name], d, CROSS_CLASSES)
+
+        probs = {s: {p: probs_of(sides[s][p]) for p in PARTS} for s in CROSS_SIDES}
+        val_score = np.concatenate([probs[s]["val"][:, 1:].sum(axis=1) for s in on])
+        val_pos = np.concatenate([sides[s]["val"].labels > 0 for s in on])
+        t = threshold_for(val_score, val_pos, args.val_sensitivity)
+        for test_side in CROSS_SIDES:
+            test_sets = {"test": ["test"]}
+            if test_side not in on:  # a source the model never saw: every part of it is held out
+                test_sets["all"] = list(PARTS)
+            for label, ps in test_sets.items():
+                p_ = np.concatenate([probs[test_side][p] for p in ps])
+                lab = np.concatenate([sides[test_side][p].labels for p in ps])
+                grp = np.concatenate([sides[test_side][p].groups.astype(str) for p in ps])
+                row = {"model": name, "trained_on": on, "tested_on": test_side, "parts": label}
+                row.update(cross_figures(p_, lab, grp, t))
+                res["rows"].append(row)
+                logger.info(
+                    "%s → %s (%s): accuracy %.3f, AUROC %s",
+                    name,
+                    test_side,
+                    label,
+                    row["accuracy"]["value"],
+                    row["auroc_binary"],
+                )
+    _write_json(work / "cross-source.json", res)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--manifest", type=Path, default=MANIFEST)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--force", nargs="*", default=[], choices=STAGES)
     p.add_argument("--copies", type=int, default=3, help="times each training cell is pasted")
     p.add_argument("--slide-px", type=int, default=4096)
@@ -707,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         if stage in args.stages:
             logger.info("stage %s", stage)
-            globals()[f"stage_{stage}"](args, args.work)
+            globals()[f"stage_{stage.replace('-', '_')}"](args, args.work)
     return 0
 
 

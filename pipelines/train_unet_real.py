@@ -75,7 +75,7 @@ def build_sources(args: argparse.Namespace, model_mpp: float) -> list[object]:
             mpp=model_mpp,
             train=fields["train"],
             val=fields["val"],
-            weight=WEIGHTS["herlev_fields"],
+            weight=args.weights["herlev_fields"],
         )
     ]
     for src in ("lbc_nuclei", "cnseg", "isbi2014"):
@@ -85,7 +85,7 @@ def build_sources(args: argparse.Namespace, model_mpp: float) -> list[object]:
                 mpp=SOURCE_MPP[src],
                 train=parts[src]["train"],
                 val=parts[src]["val"],  # type: ignore[arg-type]
-                weight=WEIGHTS[src],
+                weight=args.weights[src],
             )
         )
     return sources
@@ -118,8 +118,26 @@ def main(argv: list[str] | None = None) -> int:
         help="share of crops with a large region filled with dark-region glass (UNetRecipe.glass_patch_p)",
     )
     p.add_argument("--init", default=None, help="start from this localization bundle's weights (fine-tune)")
+    p.add_argument(
+        "--source-weight",
+        action="append",
+        default=[],
+        metavar="SOURCE=WEIGHT",
+        help=f"share of the crops drawn from a real source (default {WEIGHTS}; synthetic: the recipe's)",
+    )
     p.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    args.weights = dict(WEIGHTS)
+    for text in args.source_weight:
+        name, _, value = text.partition("=")
+        if name not in WEIGHTS or not value:
+            p.error(f"--source-weight {text!r}: give SOURCE=WEIGHT with SOURCE one of {sorted(WEIGHTS)}")
+        try:
+            args.weights[name] = float(value)
+        except ValueError:
+            p.error(f"--source-weight {text!r}: {value!r} is not a number")
+        if args.weights[name] < 0:
+            p.error(f"--source-weight {text!r}: a weight cannot be negative")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("wsi_screen.synth").setLevel(logging.WARNING)
     if args.threads:
@@ -177,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.manifest.relative_to(ROOT) if args.manifest.is_relative_to(ROOT) else args.manifest
                 ),
                 "source_mpp": SOURCE_MPP,
-                "source_weights": {**WEIGHTS, "synthetic": recipe.synthetic_weight},
+                "source_weights": {**args.weights, "synthetic": recipe.synthetic_weight},
                 "herlev_fields": {"train": args.herlev_fields, "val": args.herlev_val_fields},
             },
         )
