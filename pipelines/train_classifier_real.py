@@ -39,8 +39,9 @@ Stages (``--stages``, default all, in this order):
     the same with Herlev's normal columnar cells as a class of their own, ``endocervical`` (NILM,
     class map ``herlev-bethesda-endocervical``; every other variant trains them as NILM);
     ``refit-ec-bin``: ``refit-ec`` plus the screening loss (``--binary-loss`` × the log loss of the
-    summed abnormal probability) and the epoch chosen by validation binary AUROC. Test crops are
-    never seen.
+    summed abnormal probability) and the epoch chosen by validation binary AUROC; ``refit-aug``:
+    ``refit`` with the stain and scanner augmentation preset ``AugmentConfig.strong()`` (wider HED,
+    colour and blur ranges, JPEG round trips at quality 50–95). Test crops are never seen.
 ``evaluate``
     Every variant (and every ``--ensembles`` average of variants, ``a+b``) on the test crops
     (``CellClassifier``, as in screening), at the review threshold
@@ -57,7 +58,9 @@ Stages (``--stages``, default all, in this order):
     (:data:`CROSS_SIDES`): one 3-class model trained on each side's train part (from ``cyto-synth-v1``,
     which has seen no real cell; model chosen on that side's val part), scored on the test part of
     both sides and on every part of the other side (cells it has never seen), next to the shipped
-    ``cyto-real-v1`` (both sides, its classes pooled onto the three). ``WORK/cross-source.json``.
+    ``cyto-real-v1`` (both sides, its classes pooled onto the three). ``WORK/cross-source.json``;
+    with ``--cross-augment strong`` the one-source models are trained with ``AugmentConfig.strong()``
+    (``WORK/cross-source-strong.json``): does scanner augmentation make a model transfer?
 ``ship``
     Copies the ``--ship`` variant to ``wsi_screen/models/bundles/<--name>`` with its figures and its
     ``thresholds.flag_score`` (the validation threshold above), which ``run_slide`` uses as the
@@ -117,6 +120,7 @@ FINETUNE_FROM = {
     "refit": "cyto-real-v1",
     "refit-ec": "cyto-real-v1",
     "refit-ec-bin": "cyto-real-v1",
+    "refit-aug": "cyto-real-v1",
 }
 VARIANTS = ("scratch", "init", *FINETUNE_FROM)
 #: Variants that keep Herlev's columnar cells apart as ``endocervical`` (the others train them as NILM).
@@ -124,6 +128,8 @@ ENDOCERVICAL_VARIANTS = frozenset({"refit-ec", "refit-ec-bin"})
 #: Variants trained with the screening loss (``TrainConfig.binary_loss``) and selected by validation
 #: binary AUROC instead of macro-F1.
 SCREENING_LOSS_VARIANTS = frozenset({"refit-ec-bin"})
+#: Variants trained with the stain and scanner augmentation preset :meth:`AugmentConfig.strong`.
+STRONG_AUGMENT_VARIANTS = frozenset({"refit-aug"})
 
 
 def variant_classes(variant: str) -> list[str]:
@@ -360,7 +366,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
             label_smoothing=0.05,
             binary_loss=args.binary_loss if variant in SCREENING_LOSS_VARIANTS else 0.0,
             monitor="binary_auroc" if variant in SCREENING_LOSS_VARIANTS else "macro_f1",
-            augment=AugmentConfig(),
+            augment=AugmentConfig.strong() if variant in STRONG_AUGMENT_VARIANTS else AugmentConfig(),
             init=(
                 (str(work / "bundles" / start) if (work / "bundles" / start).is_dir() else start)
                 if second
@@ -786,8 +792,10 @@ def stage_cross_source(args: argparse.Namespace, work: Path) -> None:
     parts = {part: _load(work, part) for part in PARTS}
     sides = {s: {part: cross_source_side(parts[part], s) for part in PARTS} for s in CROSS_SIDES}
     models: dict[str, Path] = {}
+    strong = args.cross_augment == "strong"
+    suffix = "-strong" if strong else ""
     for side in CROSS_SIDES:
-        out = work / "bundles" / f"cross-{side}"
+        out = work / "bundles" / f"cross-{side}{suffix}"
         models[side] = out
         if (out / "bundle.json").is_file() and "cross-source" not in args.force:
             continue
@@ -801,7 +809,7 @@ def stage_cross_source(args: argparse.Namespace, work: Path) -> None:
             warmup_epochs=1.0,
             balanced_sampler=True,
             label_smoothing=0.05,
-            augment=AugmentConfig(),
+            augment=AugmentConfig.strong() if strong else AugmentConfig(),
             init="cyto-synth-v1",
             patience=args.epochs,
             threads=args.threads,
@@ -817,7 +825,7 @@ def stage_cross_source(args: argparse.Namespace, work: Path) -> None:
             name=f"cross-{side}",
             class_names=CROSS_CLASSES,
             abnormal_classes=["LSIL", "HSIL"],
-            work_dir=work / "bundles" / f"cross-{side}.train",
+            work_dir=work / "bundles" / f"cross-{side}{suffix}.train",
             resume=True,
             split={"train": np.arange(len(train)), "val": np.arange(len(train), len(data))},
             description=f"Cross-source table only (issue 14): trained on one source. {CROSS_SIDES[side]}.",
@@ -831,6 +839,7 @@ def stage_cross_source(args: argparse.Namespace, work: Path) -> None:
         "sides": CROSS_SIDES,
         "classes": CROSS_CLASSES,
         "reference_pooling": CROSS_POOL,
+        "augment": (AugmentConfig.strong() if strong else AugmentConfig()).to_dict(),
         "threshold_rule": (
             f"largest P(LSIL)+P(HSIL) with binary sensitivity ≥ {args.val_sensitivity} on the val part of "
             "the side the model was trained on (cyto-real-v1: of both sides)"
@@ -868,7 +877,7 @@ def stage_cross_source(args: argparse.Namespace, work: Path) -> None:
                     row["accuracy"]["value"],
                     row["auroc_binary"],
                 )
-    _write_json(work / "cross-source.json", res)
+    _write_json(work / f"cross-source{suffix}.json", res)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -898,6 +907,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--columnar-weight", type=float, default=4.0, help="finetune-columnar: Herlev normal columnar draws"
+    )
+    p.add_argument(
+        "--cross-augment",
+        choices=["standard", "strong"],
+        default="standard",
+        help="cross-source: the augmentation of the one-source models (strong: AugmentConfig.strong())",
     )
     p.add_argument(
         "--binary-loss", type=float, default=1.0, help="refit-ec-bin: weight of the screening loss"

@@ -139,6 +139,23 @@ def test_train_classifier_with_ignore(
     assert "8 crops" in err and (out / "bundle.json").is_file()
 
 
+@pytest.mark.slow
+def test_train_classifier_strong_augment_is_recorded(
+    crops_with_masks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--strong-augment trains with AugmentConfig.strong() (JPEG on) and the bundle's recipe says so."""
+    from wsi_screen.train.augment import AugmentConfig
+
+    out = tmp_path / "bundle"
+    args = ["train", "classifier", "--data", str(crops_with_masks), "-o", str(out), "--ignore", "masks"]
+    code, _, err = _main([*args, "--no-augment", "--strong-augment", *_TRAIN], capsys)
+    assert code == 2 and "contradict" in err and not out.exists()
+    code, _, err = _main([*args, "--strong-augment", "--hed-jitter", "0.2", *_TRAIN], capsys)
+    assert code == 0, err
+    recipe = json.loads((out / "bundle.json").read_text())["training"]["recipe"]["augment"]
+    assert recipe == {**AugmentConfig.strong().to_dict(), "hed": 0.2}
+
+
 def test_evaluate_names_the_folder_and_honours_ignore_and_null(
     crops_with_masks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

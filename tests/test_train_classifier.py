@@ -595,6 +595,41 @@ def test_augmentations_keep_the_cell_centred() -> None:
     assert bool((centre < corner - 60).all())  # the nucleus is still in the middle
 
 
+def test_jpeg_augmentation_is_a_real_lossy_round_trip() -> None:
+    """jpeg_p=1 changes the pixels as libjpeg does (8×8 block error, more at low quality), keeps the cell."""
+    import imagecodecs
+
+    from wsi_screen.train.augment import AugmentConfig, augment_batch
+
+    rng = np.random.default_rng(0)
+    crops = np.stack([_disc_image(64, 20.0) for _ in range(8)])
+    crops = np.clip(crops.astype(np.int16) + rng.integers(-20, 21, crops.shape), 0, 255).astype(np.uint8)
+    t = torch.from_numpy(crops)
+    only = AugmentConfig.none().to_dict()
+
+    def run(quality: int) -> torch.Tensor:
+        cfg = AugmentConfig(**{**only, "jpeg_p": 1.0, "jpeg_quality": quality})
+        return augment_batch(t, cfg, mpp=0.25, generator=torch.Generator().manual_seed(1))
+
+    low, high = run(5), run(95)  # quality drawn from [q, 95]: q=95 means exactly 95
+    ref = torch.from_numpy(imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(crops[0], level=95)))
+    ref = ref.permute(2, 0, 1).float()
+    torch.testing.assert_close(high[0], ref)  # exactly libjpeg's round trip at that quality
+    original = t.permute(0, 3, 1, 2).float()
+    err_low = (low - original).abs().mean()
+    err_high = (high - original).abs().mean()
+    assert 0 < err_high < err_low  # lossy, and lossier at lower quality
+    centre = low[:, :, 28:36, 28:36].mean(dim=(1, 2, 3))
+    corner = low[:, :, :8, :8].mean(dim=(1, 2, 3))
+    assert bool((centre < corner - 60).all())
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        AugmentConfig(jpeg_quality=0)
+    with pytest.raises(ValueError, match="jpeg_p"):
+        AugmentConfig(jpeg_p=1.5)
+    strong = augment_batch(t, AugmentConfig.strong(), mpp=0.25, generator=torch.Generator().manual_seed(2))
+    assert strong.shape == (8, 3, 64, 64) and float(strong.min()) >= 0.0 and float(strong.max()) <= 255.0
+
+
 def test_a_given_split_is_used_as_is(tmp_path: Path) -> None:
     """train_classifier(split=...) trains on exactly the given indices (a split manifest's parts)."""
     import json

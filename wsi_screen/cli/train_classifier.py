@@ -296,6 +296,11 @@ def crops_from_options(
 )
 @click.option("--no-augment", is_flag=True, help="No augmentation (flips, rotations, scale, blur, colour).")
 @click.option(
+    "--strong-augment",
+    is_flag=True,
+    help="Stain and scanner preset: wider HED/colour/blur ranges and JPEG round trips (quality 50–95).",
+)
+@click.option(
     "--hed-jitter",
     type=click.FloatRange(0.0, 0.5),
     default=None,
@@ -416,15 +421,18 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
             raise click.UsageError(
                 f"--init {init_cfg.name} takes {init_cfg.input_representation} crops: add --mask-channel"
             )
+    if kw["no_augment"] and kw["strong_augment"]:
+        raise click.UsageError("--no-augment and --strong-augment contradict each other: pass one")
     if kw["no_augment"]:
         augment = AugmentConfig.none()
     else:
+        base = AugmentConfig.strong() if kw["strong_augment"] else AugmentConfig()
         changes: dict[str, float] = {}
         if kw["hed_jitter"] is not None:
             changes["hed"] = kw["hed_jitter"]
         if kw["scale_jitter"] is not None:
             changes["scale"] = kw["scale_jitter"]
-        augment = AugmentConfig(**changes)  # type: ignore[arg-type]
+        augment = AugmentConfig(**{**base.to_dict(), **changes})
     try:
         config = TrainConfig(
             arch=kw["arch"] or DEFAULT_ARCH,

@@ -9,7 +9,13 @@ nucleus size is diagnostic, so scale jitter is small):
   β ∈ [−h, h]) — Pap stains are not H&E, but the jitter mimics stain and scanner variation after
   Reinhard — plus brightness, contrast and saturation jitter;
 - **optics**: Gaussian blur with probability ``blur_p`` (σ up to ``blur_um`` µm: focus variation) and
-  Gaussian sensor noise (σ up to ``noise`` grey levels).
+  Gaussian sensor noise (σ up to ``noise`` grey levels);
+- **compression**: with probability ``jpeg_p``, a JPEG round trip (libjpeg-turbo through
+  ``imagecodecs``) at a quality drawn from [``jpeg_quality``, 95]: scanners and microscope cameras
+  store their images at very different JPEG qualities, and the block artifacts are a source cue.
+
+:meth:`AugmentConfig.strong` is a preset for stain and scanner robustness across sources (larger
+colour and optics ranges, JPEG on); the defaults are the milder recipe the shipped bundles used.
 
 A fourth channel (the nucleus mask of ``rgb+mask`` crops) follows the geometry only: colour and optics
 change the RGB channels, not what the localizer found.
@@ -21,6 +27,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +54,29 @@ class AugmentConfig:
     blur_p: float = 0.25
     blur_um: float = 0.4
     noise: float = 3.0
+    jpeg_p: float = 0.0
+    jpeg_quality: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jpeg_p <= 1.0 or not 0.0 <= self.blur_p <= 1.0:
+            raise ValueError(f"jpeg_p and blur_p must lie in [0, 1], got {self.jpeg_p}, {self.blur_p}")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"jpeg_quality must lie in [1, 95], got {self.jpeg_quality}")
+
+    @classmethod
+    def strong(cls) -> AugmentConfig:
+        """Stain and scanner augmentation for cross-source robustness (issue 14's ablation)."""
+        return cls(
+            hed=0.10,
+            brightness=0.15,
+            contrast=0.2,
+            saturation=0.25,
+            blur_p=0.5,
+            blur_um=0.8,
+            noise=5.0,
+            jpeg_p=0.5,
+            jpeg_quality=50,
+        )
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -65,6 +95,23 @@ class AugmentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """JPEG round trip of float (N, 3, H, W) grey levels, each at its own ``quality`` (N,), on the CPU.
+
+    ``imagecodecs`` (libjpeg-turbo, a dependency already: it decodes the slides' tiles).
+    """
+    import imagecodecs
+
+    u8 = torch.clamp(x, 0.0, 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = np.stack(
+        [
+            imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.ascontiguousarray(img), level=int(q)))
+            for img, q in zip(u8, quality.tolist(), strict=True)
+        ]
+    )
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=x.device, dtype=x.dtype)
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -180,4 +227,10 @@ def augment_batch(
         noise = torch.randn(x.shape, generator=generator).to(dev)
         x = x + noise * sd
     x = torch.clamp(x, 0.0, 255.0)
+    if cfg.jpeg_p > 0:
+        on = torch.rand(n, generator=generator) < cfg.jpeg_p
+        if bool(on.any()):
+            quality = torch.randint(cfg.jpeg_quality, 96, (n,), generator=generator)
+            idx = on.nonzero().flatten().to(dev)
+            x[idx] = _jpeg(x[idx], quality[on])
     return torch.cat([x, extra], dim=1) if extra.shape[1] else x
