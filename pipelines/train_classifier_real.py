@@ -61,6 +61,10 @@ Stages (``--stages``, default all, in this order):
     ``cyto-real-v1`` (both sides, its classes pooled onto the three). ``WORK/cross-source.json``;
     with ``--cross-augment strong`` the one-source models are trained with ``AugmentConfig.strong()``
     (``WORK/cross-source-strong.json``): does scanner augmentation make a model transfer?
+``tta`` (only when asked for)
+    Test-time augmentation (``classification.tta``: ``--tta`` flips/rotations per crop, averaged)
+    against none, for each of ``--variants``, on the val and test crops, each at its own validation
+    threshold, with the AUROC gain and a paired bootstrap interval. ``WORK/tta<N>.json``.
 ``ship``
     Copies the ``--ship`` variant to ``wsi_screen/models/bundles/<--name>`` with its figures and its
     ``thresholds.flag_score`` (the validation threshold above), which ``run_slide`` uses as the
@@ -95,9 +99,9 @@ ABNORMAL = ["ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC"]
 #: NILM under Bethesda (the binary negatives; artifacts are neither).
 NEGATIVE = ["NILM", "organism", "endocervical"]
 HSIL_PLUS = ["HSIL", "SCC"]
-STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship", "cross-source")
+STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship", "cross-source", "tta")
 #: Stages run when ``--stages`` is not given (``cross-source`` trains two extra models: asked for only).
-DEFAULT_STAGES = STAGES[:-1]
+DEFAULT_STAGES = STAGES[:-2]  # cross-source and tta only when asked for
 #: The classes both sides of the cross-source table share (issue 14, item 3).
 CROSS_CLASSES = ["NILM", "LSIL", "HSIL"]
 #: The two sides of the cross-source table: what each holds, from the crops of every part.
@@ -433,15 +437,16 @@ def _cluster_bootstrap(
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
 
 
-def crop_probs(bundle: Path, data: Any, classes: list[str] = CLASSES) -> np.ndarray:
+def crop_probs(bundle: Path, data: Any, classes: list[str] = CLASSES, *, tta: int = 1) -> np.ndarray:
     """Class probabilities of ``data`` in the columns of ``classes`` (0 for a class the bundle
-    lacks: a 9-class bundle never predicts ``endocervical``)."""
+    lacks: a 9-class bundle never predicts ``endocervical``); ``tta`` views per crop, as
+    ``classification.tta`` in screening."""
     import torch
 
     from wsi_screen.classify import CellClassifier
     from wsi_screen.models.bundle import load_bundle
 
-    clf = CellClassifier([load_bundle(bundle, task="classification")], device=torch.device("cpu"))
+    clf = CellClassifier([load_bundle(bundle, task="classification")], device=torch.device("cpu"), tta=tta)
     out = []
     for start in range(0, len(data), 512):
         chunk = torch.from_numpy(np.ascontiguousarray(data.crops[start : start + 512]))
@@ -580,6 +585,72 @@ def stage_evaluate(args: argparse.Namespace, work: Path) -> None:
             "%s: threshold %.4f; test %s", variant, t, json.dumps(res[variant]["test"], default=str)[:600]
         )
     _write_json(work / "evaluate.json", res)
+
+
+def _paired_auroc_difference(
+    a: np.ndarray, b: np.ndarray, positive: np.ndarray, groups: np.ndarray, *, reps: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """AUROC(b) − AUROC(a) of two scores of the same crops, with a 95 % interval from one bootstrap
+    over groups (cells) for both: the pairing removes the cells' own variance from the difference."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    diffs = []
+    for _ in range(reps):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < positive[idx].sum() < len(idx):
+            diffs.append(roc_auc_score(positive[idx], b[idx]) - roc_auc_score(positive[idx], a[idx]))
+    value = float(roc_auc_score(positive, b) - roc_auc_score(positive, a))
+    return {"value": value, "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]}
+
+
+def stage_tta(args: argparse.Namespace, work: Path) -> None:
+    """Test-time augmentation (``classification.tta``) against none, for each of ``--variants``: both
+    scored on the same crops, each at its own validation threshold, and the validation AUROC gain with
+    a paired bootstrap interval (the decision is made on validation)."""
+    val, test = _load(work, "val"), _load(work, "test")
+    ab = [CLASSES.index(c) for c in ABNORMAL]
+    neg = [CLASSES.index(c) for c in NEGATIVE]
+    res: dict[str, Any] = {
+        "views": args.tta,
+        "rule": f"largest score with val sensitivity ≥ {args.val_sensitivity}",
+    }
+    for variant in args.variants:
+        bundle = work / "bundles" / variant
+        if not (bundle / "bundle.json").is_file():
+            raise SystemExit(f"no bundle {bundle}: train the variant first (--stages train)")
+        entry: dict[str, Any] = {}
+        scores = {}
+        for views in (1, args.tta):
+            t0 = time.perf_counter()
+            pv, pt = crop_probs(bundle, val, tta=views), crop_probs(bundle, test, tta=views)
+            seconds = time.perf_counter() - t0
+            t = threshold_for(pv[:, ab].sum(axis=1), np.isin(val.labels, ab), args.val_sensitivity)
+            entry[f"tta{views}"] = {
+                "seconds": round(seconds, 1),
+                "val": screening_figures(pv, val.labels, val.sources, val.groups, t),
+                "test": screening_figures(pt, test.labels, test.sources, test.groups, t),
+            }
+            scores[views] = (pv[:, ab].sum(axis=1), pt[:, ab].sum(axis=1))
+        for part, data, k in (("val", val, 0), ("test", test, 1)):
+            m = np.isin(data.labels, ab + neg)
+            entry[f"{part}_auroc_gain"] = _paired_auroc_difference(
+                scores[1][k][m],
+                scores[args.tta][k][m],
+                np.isin(data.labels[m], ab),
+                data.groups[m].astype(str),
+            )
+        res[variant] = entry
+        logger.info(
+            "%s: val AUROC gain of tta=%d %s; test %s",
+            variant,
+            args.tta,
+            entry["val_auroc_gain"],
+            entry["test_auroc_gain"],
+        )
+    _write_json(work / f"tta{args.tta}.json", res)
 
 
 def stage_ablation(args: argparse.Namespace, work: Path) -> None:
@@ -908,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--columnar-weight", type=float, default=4.0, help="finetune-columnar: Herlev normal columnar draws"
     )
+    p.add_argument("--tta", type=int, choices=[2, 4, 8], default=8, help="tta: views per crop against none")
     p.add_argument(
         "--cross-augment",
         choices=["standard", "strong"],

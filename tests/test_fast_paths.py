@@ -478,3 +478,46 @@ def test_padded_classifier_batches_give_the_same_probabilities(tmp_path: Path) -
         # 4766 over 54 layers, λ = 10: 4e-5), of which the logits are ≤ 0.1: |Δp| ≲ 4e-6 (measured
         # ≤ 3e-8 on AVX-512, AVX2 and MKL's non-Intel path). Padding leaking into rows moves p by ≫ 1e-3.
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
+
+
+def test_test_time_augmentation_averages_the_dihedral_views(tmp_path: Path) -> None:
+    """tta=8 averages the 8 flips/rotations: the result is the mean of the plain predictions of the
+    8 transformed crops, hence the same for a crop and its rotated or flipped copy; tta=1 is the plain
+    path; other counts are refused (by the classifier and by the settings)."""
+    from pydantic import ValidationError
+
+    from wsi_screen.classify import TTA_VIEWS, CellClassifier
+    from wsi_screen.config import ClassificationSettings
+    from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
+    from wsi_screen.models.registry import create_model
+
+    torch.manual_seed(0)
+    cfg = BundleConfig(
+        name="tta",
+        task="classification",
+        architecture="mobilenetv3_small_050",
+        input_size=64,
+        mpp=0.25,
+        class_names=["NILM", "LSIL", "HSIL"],
+        abnormal_classes=["LSIL", "HSIL"],
+    )
+    bundle = load_bundle(save_bundle(create_model(cfg.architecture, num_classes=3), cfg, tmp_path / "b").path)
+    cpu = torch.device("cpu")
+    plain = CellClassifier([bundle], device=cpu, batch_size=64)
+    tta = CellClassifier([bundle], device=cpu, batch_size=64, tta=8)
+    crops = torch.randint(
+        0, 256, (6, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    views = [torch.rot90(crops, k, dims=(1, 2)) for k in range(4)]  # channels-last: H, W are dims 1, 2
+    views += [torch.flip(v, dims=(2,)) for v in views]
+    want = torch.stack([plain.predict(v.contiguous()) for v in views]).mean(dim=0)
+    got = tta.predict(crops)
+    # Same arithmetic up to the order of 8 summands and other kernels per layout (|Δp| ≲ 4e-6, as above).
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(tta.predict(views[5].contiguous()).numpy(), got.numpy(), rtol=0, atol=1e-5)
+    assert float((plain.predict(crops) - got).abs().max()) > 1e-4  # the views really differ
+    assert sorted(TTA_VIEWS) == [1, 2, 4, 8] and all(len(v) == k for k, v in TTA_VIEWS.items())
+    with pytest.raises(ValueError, match="tta must be one of"):
+        CellClassifier([bundle], device=cpu, tta=3)
+    with pytest.raises(ValidationError):
+        ClassificationSettings(tta=3)  # type: ignore[arg-type]

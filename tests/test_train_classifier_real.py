@@ -84,3 +84,20 @@ def test_cross_figures_and_pooling() -> None:
     assert np.allclose(got.sum(axis=1), 1.0)
     assert got[tcr.CLASSES.index("ASC-H")].tolist() == [0.0, 0.0, 1.0]
     assert got[tcr.CLASSES.index("organism")].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_paired_auroc_difference() -> None:
+    """Equal scores differ by exactly 0 in every resample; a score that ranks every positive above every
+    negative gains 1 − AUROC(a), and its interval lies above 0."""
+    rng = np.random.default_rng(0)
+    positive = np.arange(60) % 3 == 0
+    groups = np.array([f"c{i // 2}" for i in range(60)])  # two crops per cell
+    a = rng.uniform(size=60) + 0.3 * positive
+    same = tcr._paired_auroc_difference(a, a.copy(), positive, groups, reps=200)
+    assert same == {"value": 0.0, "ci95": [0.0, 0.0]}
+    from sklearn.metrics import roc_auc_score
+
+    perfect = positive.astype(float) + 0.01 * a
+    gain = tcr._paired_auroc_difference(a, perfect, positive, groups, reps=200)
+    assert gain["value"] == pytest.approx(1.0 - roc_auc_score(positive, a))
+    assert 0.0 < gain["ci95"][0] <= gain["value"] <= gain["ci95"][1]

@@ -137,6 +137,30 @@ def cut_mask_crops(
     return cut_crops(torch.from_numpy(masks)[..., None].to(device), tile_index, cx, cy, size, pad_value=0)
 
 
+#: Test-time augmentation: the dihedral views (rotation by k·90°, then a left-right flip or not) used
+#: for each supported number of views. A cell has no orientation, so every view is a valid crop.
+TTA_VIEWS: dict[int, tuple[tuple[int, bool], ...]] = {
+    1: ((0, False),),
+    2: ((0, False), (0, True)),
+    4: ((0, False), (0, True), (2, False), (2, True)),
+    8: tuple((k, f) for k in range(4) for f in (False, True)),
+}
+
+
+def _dihedral(x: torch.Tensor, view: tuple[int, bool]) -> torch.Tensor:
+    """``x`` (N, C, H, W) rotated by ``view[0]`` × 90° and, if ``view[1]``, flipped left-right."""
+    import torch
+
+    k, flip = view
+    if not k and not flip:
+        return x
+    if k:
+        x = torch.rot90(x, k, dims=(2, 3))
+    if flip:
+        x = torch.flip(x, dims=(3,))
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type != "mps" else x.contiguous()
+
+
 class CellClassifier:
     """One bundle, or several whose probabilities are averaged (an ensemble)."""
 
@@ -148,12 +172,18 @@ class CellClassifier:
         batch_size: int = 128,
         pad_batches: bool | None = None,
         cpu_bf16: bool = False,
+        tta: int = 1,
     ) -> None:
         """``pad_batches``: pad each forward batch with blank crops to the next power of two (at
         least 32, at most ``batch_size``), so the model sees a handful of batch shapes rather than
         one per device batch; default: on CUDA, where cuDNN autotunes every new shape (seconds
-        each for a whole network). ``cpu_bf16``: bf16 autocast on the CPU too (``runtime.cpu_bf16``)."""
+        each for a whole network). ``cpu_bf16``: bf16 autocast on the CPU too (``runtime.cpu_bf16``).
+        ``tta``: test-time augmentation, the probabilities averaged over this many of the 8 flips and
+        90° rotations of each crop (:data:`TTA_VIEWS`; 1 = the crop as it is), at ``tta`` × the cost."""
         import torch
+
+        if tta not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {', '.join(map(str, TTA_VIEWS))} views, got {tta!r}")
 
         if not bundles:
             raise BundleError("at least one classifier bundle is needed")
@@ -185,6 +215,7 @@ class CellClassifier:
         self.batch_size = int(batch_size)
         self.pad_batches = device.type == "cuda" if pad_batches is None else bool(pad_batches)
         self.cpu_bf16 = bool(cpu_bf16)
+        self.tta = int(tta)
         self.class_names: list[str] = list(first.class_names)
         self.abnormal_classes: list[str] = list(first.abnormal_classes)
         self.input_size = int(first.input_size)
@@ -238,8 +269,10 @@ class CellClassifier:
                 if self.device.type != "mps":
                     x = x.contiguous(memory_format=torch.channels_last)
                 acc = torch.zeros((x.shape[0], len(self.class_names)), device=self.device)
-                for model, (mean, std) in zip(self._models, self._norm, strict=True):
-                    logits = model((x - mean) / std)
-                    acc += torch.softmax(logits.float(), dim=1)
-                out[start : start + m] = (acc / len(self._models))[:m]
+                for view in TTA_VIEWS[self.tta]:
+                    xv = _dihedral(x, view)
+                    for model, (mean, std) in zip(self._models, self._norm, strict=True):
+                        logits = model((xv - mean) / std)
+                        acc += torch.softmax(logits.float(), dim=1)
+                out[start : start + m] = (acc / (len(self._models) * self.tta))[:m]
         return out

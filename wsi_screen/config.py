@@ -172,6 +172,11 @@ class ClassificationSettings(_Section):
     # was measured against cyto-synth-v1 and cyto-herlev-v1 on held-out real cells (docs/models.md).
     models: list[str] = Field(default_factory=lambda: ["cyto-real-v1"], min_length=1)
     batch_size: int = Field(128, ge=1, le=65536)
+    tta: Literal[1, 2, 4, 8] = Field(
+        1,
+        description="test-time augmentation: probabilities averaged over this many flips/90° rotations "
+        "of each crop (1 = none); costs tta × the classifier's time",
+    )
 
     @field_validator("models", mode="before")
     @classmethod

@@ -154,7 +154,11 @@ def load_models(settings: Settings, *, device: torch.device | None = None) -> Mo
     bf16 = settings.runtime.cpu_bf16
     localizer = Localizer(loc_bundle, settings=settings.localization, device=dev, cpu_bf16=bf16)
     classifier = CellClassifier(
-        cls_bundles, device=dev, batch_size=settings.classification.batch_size, cpu_bf16=bf16
+        cls_bundles,
+        device=dev,
+        batch_size=settings.classification.batch_size,
+        cpu_bf16=bf16,
+        tta=settings.classification.tta,
     )
     if classifier.needs_mask:
         for b in cls_bundles:
