@@ -81,6 +81,7 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -594,14 +595,10 @@ def _paired_auroc_difference(
     over groups (cells) for both: the pairing removes the cells' own variance from the difference."""
     from sklearn.metrics import roc_auc_score
 
-    rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    diffs = []
-    for _ in range(reps):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        if 0 < positive[idx].sum() < len(idx):
-            diffs.append(roc_auc_score(positive[idx], b[idx]) - roc_auc_score(positive[idx], a[idx]))
+    diffs = [
+        roc_auc_score(positive[idx], b[idx]) - roc_auc_score(positive[idx], a[idx])
+        for idx in _group_resamples(groups, positive, np.random.default_rng(seed), reps)
+    ]
     value = float(roc_auc_score(positive, b) - roc_auc_score(positive, a))
     return {"value": value, "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]}
 
@@ -830,19 +827,26 @@ def cross_figures(
     }
 
 
+def _group_resamples(
+    groups: np.ndarray, positive: np.ndarray, rng: np.random.Generator, reps: int
+) -> Iterator[np.ndarray]:
+    """``reps`` bootstrap resamples of whole groups (cells), as crop indices; resamples that hold only
+    one class (no AUROC) are skipped."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    for _ in range(reps):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < positive[idx].sum() < len(idx):
+            yield idx
+
+
 def _auroc_bootstrap(
     score: np.ndarray, positive: np.ndarray, groups: np.ndarray, rng: np.random.Generator, reps: int = 500
 ) -> list[float]:
     """95 % percentile interval of the binary AUROC, resampling whole groups (cells) with replacement."""
     from sklearn.metrics import roc_auc_score
 
-    uniq, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    vals = []
-    for _ in range(reps):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        if 0 < positive[idx].sum() < len(idx):
-            vals.append(roc_auc_score(positive[idx], score[idx]))
+    vals = [roc_auc_score(positive[idx], score[idx]) for idx in _group_resamples(groups, positive, rng, reps)]
     if not vals:
         return [math.nan, math.nan]
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]

@@ -444,16 +444,14 @@ def test_pinned_batch_reaches_the_gpu_intact(jpeg_slide: Path) -> None:
         np.testing.assert_array_equal(got.cpu().numpy(), want)
 
 
-def test_padded_classifier_batches_give_the_same_probabilities(tmp_path: Path) -> None:
-    """Padding forward batches to a few fixed sizes (the CUDA default, against cuDNN re-tuning every
-    new batch size) changes no crop's probabilities and returns exactly one row per crop."""
-    from wsi_screen.classify import CellClassifier
+def _tiny_classifier_bundle(tmp_path: Path, name: str) -> Any:
+    """A randomly initialised 3-class MobileNetV3 bundle on 64² crops (seeded)."""
     from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
     from wsi_screen.models.registry import create_model
 
     torch.manual_seed(0)
     cfg = BundleConfig(
-        name="pad",
+        name=name,
         task="classification",
         architecture="mobilenetv3_small_050",
         input_size=64,
@@ -461,7 +459,15 @@ def test_padded_classifier_batches_give_the_same_probabilities(tmp_path: Path) -
         class_names=["NILM", "LSIL", "HSIL"],
         abnormal_classes=["LSIL", "HSIL"],
     )
-    bundle = load_bundle(save_bundle(create_model(cfg.architecture, num_classes=3), cfg, tmp_path / "b").path)
+    return load_bundle(save_bundle(create_model(cfg.architecture, num_classes=3), cfg, tmp_path / "b").path)
+
+
+def test_padded_classifier_batches_give_the_same_probabilities(tmp_path: Path) -> None:
+    """Padding forward batches to a few fixed sizes (the CUDA default, against cuDNN re-tuning every
+    new batch size) changes no crop's probabilities and returns exactly one row per crop."""
+    from wsi_screen.classify import CellClassifier
+
+    bundle = _tiny_classifier_bundle(tmp_path, "pad")
     cpu = torch.device("cpu")
     plain = CellClassifier([bundle], device=cpu, batch_size=64)
     padded = CellClassifier([bundle], device=cpu, batch_size=64, pad_batches=True)
@@ -488,20 +494,8 @@ def test_test_time_augmentation_averages_the_dihedral_views(tmp_path: Path) -> N
 
     from wsi_screen.classify import TTA_VIEWS, CellClassifier
     from wsi_screen.config import ClassificationSettings
-    from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
-    from wsi_screen.models.registry import create_model
 
-    torch.manual_seed(0)
-    cfg = BundleConfig(
-        name="tta",
-        task="classification",
-        architecture="mobilenetv3_small_050",
-        input_size=64,
-        mpp=0.25,
-        class_names=["NILM", "LSIL", "HSIL"],
-        abnormal_classes=["LSIL", "HSIL"],
-    )
-    bundle = load_bundle(save_bundle(create_model(cfg.architecture, num_classes=3), cfg, tmp_path / "b").path)
+    bundle = _tiny_classifier_bundle(tmp_path, "tta")
     cpu = torch.device("cpu")
     plain = CellClassifier([bundle], device=cpu, batch_size=64)
     tta = CellClassifier([bundle], device=cpu, batch_size=64, tta=8)
