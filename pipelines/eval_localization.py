@@ -591,9 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         "localization.min_peak_distance_um=2.5; choose it on --real-part val",
     )
     args = p.parse_args(argv)
-    from wsi_screen.config import parse_override
+    from wsi_screen.config import ConfigError, parse_override
 
-    args.set = [parse_override(text) for text in args.set]
+    try:
+        args.set = [parse_override(text) for text in args.set]
+    except ConfigError as exc:
+        p.error(f"--set: {exc}")
 
     import torch
 
@@ -604,9 +607,12 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_torch()
     device = resolve_device(args.device)
-    settings = load_settings(
-        overrides={**dict(args.set), **({"stain.enabled": False} if args.no_stain else {})}
-    )
+    try:  # an unknown key or a bad value: one line naming it, before any slide is read
+        settings = load_settings(
+            overrides={**dict(args.set), **({"stain.enabled": False} if args.no_stain else {})}
+        )
+    except ConfigError as exc:
+        p.error(f"--set: {exc}")
     bundle = load_bundle(args.bundle, task="localization")
     localizer = Localizer(bundle, settings=settings.localization, device=device)
     result: dict[str, Any] = {
