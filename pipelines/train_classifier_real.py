@@ -41,7 +41,9 @@ Stages (``--stages``, default all, in this order):
     ``refit-ec-bin``: ``refit-ec`` plus the screening loss (``--binary-loss`` × the log loss of the
     summed abnormal probability) and the epoch chosen by validation binary AUROC; ``refit-aug``:
     ``refit`` with the stain and scanner augmentation preset ``AugmentConfig.strong()`` (wider HED,
-    colour and blur ranges, JPEG round trips at quality 50–95). Test crops are never seen.
+    colour and blur ranges, JPEG round trips at quality 50–95); ``refit-src``: ``refit`` with draws
+    balanced over sources within each class (``TrainConfig.balance_sources``), so that Herlev's few
+    normal cells are drawn as often as the many LBC-field nuclei. Test crops are never seen.
 ``evaluate``
     Every variant (and every ``--ensembles`` average of variants, ``a+b``) on the test crops
     (``CellClassifier``, as in screening), at the review threshold
@@ -126,6 +128,7 @@ FINETUNE_FROM = {
     "refit-ec": "cyto-real-v1",
     "refit-ec-bin": "cyto-real-v1",
     "refit-aug": "cyto-real-v1",
+    "refit-src": "cyto-real-v1",
 }
 VARIANTS = ("scratch", "init", *FINETUNE_FROM)
 #: Variants that keep Herlev's columnar cells apart as ``endocervical`` (the others train them as NILM).
@@ -135,6 +138,9 @@ ENDOCERVICAL_VARIANTS = frozenset({"refit-ec", "refit-ec-bin"})
 SCREENING_LOSS_VARIANTS = frozenset({"refit-ec-bin"})
 #: Variants trained with the stain and scanner augmentation preset :meth:`AugmentConfig.strong`.
 STRONG_AUGMENT_VARIANTS = frozenset({"refit-aug"})
+#: Variants whose draws are balanced over sources within each class (``TrainConfig.balance_sources``:
+#: Herlev's normal cells as often as the LBC-field nuclei, Herlev's HSIL as often as lbc-cells').
+SOURCE_BALANCED_VARIANTS = frozenset({"refit-src"})
 
 
 def variant_classes(variant: str) -> list[str]:
@@ -368,6 +374,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
             lr=5e-4 if variant == "finetune-columnar" else 1e-3 if second else 2e-3,
             warmup_epochs=0.5 if second else 1.0,
             balanced_sampler=True,
+            balance_sources=variant in SOURCE_BALANCED_VARIANTS,
             label_smoothing=0.05,
             binary_loss=args.binary_loss if variant in SCREENING_LOSS_VARIANTS else 0.0,
             monitor="binary_auroc" if variant in SCREENING_LOSS_VARIANTS else "macro_f1",

@@ -736,3 +736,58 @@ def test_training_can_select_the_epoch_by_the_screening_auroc(tmp_path: Path) ->
     assert res.history[res.best_epoch - 1]["val_binary_auroc"] == max(aurocs)
     assert aurocs.index(max(aurocs)) == res.best_epoch - 1
     assert res.bundle.config.training["recipe"]["binary_loss"] == 1.0
+
+
+def test_source_family_names_the_data_source() -> None:
+    from wsi_screen.train.classifier import source_family
+
+    assert source_family("synth-3#12:nucleus") == "synth"
+    assert source_family("synth-0#-1:none") == "synth"
+    assert source_family("herlev") == "herlev"
+    assert source_family("lbc_nuclei") == "lbc_nuclei"
+    assert source_family("hsil/0001.png") == "hsil"
+    assert source_family("") == ""
+
+
+def test_source_balance_gives_every_source_of_a_class_the_same_share() -> None:
+    """Within a class each source family draws the same total mass; the class keeps its mass."""
+    from wsi_screen.train.classifier import source_balance_factors
+
+    labels = np.array([0] * 10 + [1] * 4 + [2] * 3)
+    sources = np.array(
+        ["lbc_nuclei"] * 8 + ["herlev"] * 2  # NILM: 8 field nuclei, 2 Herlev cells
+        + ["herlev", "lbc_cells", "lbc_cells", "synth-1#4:HSIL"]  # HSIL: three families
+        + ["lbc_cells"] * 3  # organism: one family
+    )
+    f = source_balance_factors(labels, sources)
+    for c, n_families in ((0, 2), (1, 3), (2, 1)):
+        in_c = labels == c
+        assert f[in_c].sum() == pytest.approx(in_c.sum())  # the class's mass is unchanged
+        fam = np.array([s.split("-")[0] for s in sources[in_c]])
+        shares = [f[in_c][fam == name].sum() for name in np.unique(fam)]
+        assert len(shares) == n_families
+        assert shares == pytest.approx([in_c.sum() / n_families] * n_families)
+    assert f[8] / f[0] == pytest.approx(4.0)  # a Herlev NILM crop is drawn 4 × as often as a field nucleus
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        source_balance_factors(labels, sources[:3])
+
+
+def test_training_with_source_balance_records_it(tmp_path: Path) -> None:
+    from wsi_screen.train.classifier import TrainConfig, train_classifier
+    from wsi_screen.train.data import CropSet
+
+    rng = np.random.default_rng(2)
+    n = 24
+    data = CropSet(
+        crops=rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
+        labels=np.arange(n, dtype=np.int64) % 2,
+        groups=np.array([f"g{i}" for i in range(n)]),
+        class_names=["NILM", "HSIL"],
+        mpp=0.25,
+        sources=np.array(["herlev" if i < 4 else "lbc_nuclei" for i in range(n)]),
+    )
+    cfg = TrainConfig(
+        arch="mobilenetv3_small_050", epochs=1, batch_size=8, device="cpu", seed=0, balance_sources=True
+    )
+    res = train_classifier(data, tmp_path / "b", config=cfg, progress=False)
+    assert res.bundle.config.training["recipe"]["balance_sources"] is True

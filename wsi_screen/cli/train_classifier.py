@@ -270,6 +270,11 @@ def crops_from_options(
     help="Class-balanced sampling (every class drawn equally often).",
 )
 @click.option(
+    "--balance-sources",
+    is_flag=True,
+    help="Within each class, draw every source (the crop set's sources) equally often.",
+)
+@click.option(
     "--class-weights",
     type=click.Choice(["none", "balanced"]),
     default="none",
@@ -444,6 +449,7 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
             focal_gamma=kw["focal_gamma"],
             class_weights=kw["class_weights"],
             balanced_sampler=kw["balanced"],
+            balance_sources=kw["balance_sources"],
             label_smoothing=kw["label_smoothing"],
             binary_loss=kw["binary_loss"],
             augment=augment,

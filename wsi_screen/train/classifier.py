@@ -10,7 +10,9 @@ The recipe (every part is a :class:`TrainConfig` field and a ``wsi-screen train 
   backbone stays frozen for the first epochs (only the head learns) — useful only when starting from a
   bundle.
 - **loss**: cross-entropy or focal loss (``focal_gamma``), optional class weights ∝ 1/frequency
-  (``class_weights="balanced"``) or a class-balanced sampler (``balanced_sampler``); label smoothing;
+  (``class_weights="balanced"``) or a class-balanced sampler (``balanced_sampler``), optionally
+  balanced over sources within each class as well (``balance_sources``: a class held by Herlev and
+  ``lbc-cells`` draws each half of the time, however many crops each has); label smoothing;
   ``binary_loss`` adds that weight × the log loss of the screening score itself (the summed
   probability of the abnormal classes against the rest), which the per-class loss does not train.
 - **optimizer**: AdamW, linear warm-up then cosine decay per step.
@@ -34,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -64,6 +67,8 @@ __all__ = [
     "evaluate_bundles",
     "evaluate_crops",
     "predict_crops",
+    "source_balance_factors",
+    "source_family",
     "split_dataset",
     "train_classifier",
 ]
@@ -97,6 +102,7 @@ class TrainConfig:
     focal_gamma: float | None = None
     class_weights: Literal["none", "balanced"] = "none"
     balanced_sampler: bool = False
+    balance_sources: bool = False
     label_smoothing: float = 0.0
     binary_loss: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -423,6 +429,41 @@ def evaluate_crops(
 # -- the training loop -----------------------------------------------------------------------------------
 
 
+_FAMILY_RE = re.compile(r"^([^/#:]*?)(?:-\d+)?(?:[/#:].*)?$")
+
+
+def source_family(source: str) -> str:
+    """The data source a crop's ``sources`` entry names: the text before the first ``/``, ``#`` or
+    ``:``, without a trailing ``-<number>`` (``synth-3#12:nucleus`` → ``synth``, ``herlev`` →
+    ``herlev``, ``hsil/0001.png`` → ``hsil``)."""
+    m = _FAMILY_RE.match(source)
+    return m.group(1) if m is not None and m.group(1) else source
+
+
+def source_balance_factors(
+    labels: NDArray[np.integer[Any]], sources: NDArray[np.str_]
+) -> NDArray[np.float64]:
+    """Per-crop sampling factors that give every source family (:func:`source_family`) of a class the
+    same share of that class.
+
+    A crop of class *c* from family *s* gets ``n_c / (S_c · n_cs)``: *n_c* crops of the class, *S_c*
+    families that hold it, *n_cs* of them from *s*. Each class keeps its total mass (*n_c*), so the
+    factors compose with class balance (``balanced_sampler``) and with per-crop ``sample_weights``.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or np.shape(sources) != labels.shape:
+        raise ValueError(
+            f"labels and sources must be two (N,) arrays, got {labels.shape} and {np.shape(sources)}"
+        )
+    families = np.array([source_family(str(x)) for x in np.asarray(sources).tolist()], dtype=str)
+    out = np.ones(len(labels), np.float64)
+    for c in np.unique(labels):
+        in_c = labels == c
+        names, inverse, n_cs = np.unique(families[in_c], return_inverse=True, return_counts=True)
+        out[in_c] = in_c.sum() / (len(names) * n_cs[inverse])
+    return out
+
+
 def train_classifier(
     data: CropSet,
     out_dir: str | os.PathLike[str],
@@ -610,8 +651,10 @@ def train_classifier(
         done = str(ckpt["stop_reason"]) == "early_stop"
 
     sample_p = None
-    if cfg.balanced_sampler or sample_weights is not None:
+    if cfg.balanced_sampler or cfg.balance_sources or sample_weights is not None:
         sample_p = np.ones(len(tr_idx), np.float64)
+        if cfg.balance_sources:
+            sample_p *= source_balance_factors(data.labels[tr_idx], data.sources[tr_idx])
         if cfg.balanced_sampler:
             inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
             sample_p *= inv[data.labels[tr_idx]]
