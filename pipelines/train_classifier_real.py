@@ -27,10 +27,15 @@ Stages (``--stages``, default all, in this order):
     ``--synthetic`` synthetic slides (six stain profiles) cut the same way
     (:func:`~wsi_screen.train.data.synthetic_crops`): the ``artifact`` class (debris, detections on
     no nucleus) comes only from them; their cells join training at weight ``--synthetic-weight``.
+``ssl`` (only when asked for)
+    Self-supervised pre-training (:func:`wsi_screen.train.ssl.pretrain_ssl`, SimCLR) of a backbone on
+    the real crops of the training part, labels unused (``--ssl-epochs``, ``--ssl-minutes``); never
+    the val or test crops. ``WORK/bundles/ssl`` (a backbone bundle) for the ``ssl-init`` variant.
 ``train``
     ``train_classifier`` on the train crops (+ synthetic), validated (model selection) on the val
     crops; variants ``--variants`` (``scratch``; ``init``: synthetic pre-training, initialised from
-    ``cyto-synth-v1``, class-balanced draws; ``finetune``: ``init`` trained further at half the
+    ``cyto-synth-v1``, class-balanced draws; ``ssl-init``: the ``scratch`` recipe started from the
+    ``ssl`` stage's backbone; ``finetune``: ``init`` trained further at half the
     learning rate with NILM and organism drawn ``--negative-weight`` × as often, so that about half
     the draws are negative; ``scratch-finetune``: the same second stage from ``scratch``;
     ``finetune-columnar``: ``finetune`` trained further at lr 5·10⁻⁴ with Herlev's normal columnar
@@ -102,9 +107,20 @@ ABNORMAL = ["ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC"]
 #: NILM under Bethesda (the binary negatives; artifacts are neither).
 NEGATIVE = ["NILM", "organism", "endocervical"]
 HSIL_PLUS = ["HSIL", "SCC"]
-STAGES = ("slides", "crops", "synthetic", "train", "evaluate", "ablation", "ship", "cross-source", "tta")
-#: Stages run when ``--stages`` is not given (``cross-source`` trains two extra models: asked for only).
-DEFAULT_STAGES = STAGES[:-2]  # cross-source and tta only when asked for
+STAGES = (
+    "slides",
+    "crops",
+    "synthetic",
+    "ssl",
+    "train",
+    "evaluate",
+    "ablation",
+    "ship",
+    "cross-source",
+    "tta",
+)
+#: Stages run when ``--stages`` is not given (``ssl``, ``cross-source`` train extra models: asked for).
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ssl", "cross-source", "tta"))
 #: The classes both sides of the cross-source table share (issue 14, item 3).
 CROSS_CLASSES = ["NILM", "LSIL", "HSIL"]
 #: The two sides of the cross-source table: what each holds, from the crops of every part.
@@ -130,7 +146,9 @@ FINETUNE_FROM = {
     "refit-aug": "cyto-real-v1",
     "refit-src": "cyto-real-v1",
 }
-VARIANTS = ("scratch", "init", *FINETUNE_FROM)
+#: First-stage variants and the bundle each starts from (``scratch``: random weights).
+FIRST_STAGE_INIT = {"scratch": None, "init": "cyto-synth-v1", "ssl-init": "ssl"}
+VARIANTS = (*FIRST_STAGE_INIT, *FINETUNE_FROM)
 #: Variants that keep Herlev's columnar cells apart as ``endocervical`` (the others train them as NILM).
 ENDOCERVICAL_VARIANTS = frozenset({"refit-ec", "refit-ec-bin"})
 #: Variants trained with the screening loss (``TrainConfig.binary_loss``) and selected by validation
@@ -352,6 +370,53 @@ def training_data(args: argparse.Namespace, work: Path) -> tuple[Any, dict[str, 
     return data, split, w
 
 
+def _first_stage_init(work: Path, variant: str) -> str | None:
+    """What a first-stage variant starts from: a bundle name, ``WORK/bundles/ssl``, or nothing."""
+    start = FIRST_STAGE_INIT.get(variant)
+    if start == "ssl":
+        if not (work / "bundles" / "ssl" / "bundle.json").is_file():
+            raise SystemExit(f"{variant} starts from the self-supervised backbone: run --stages ssl first")
+        return str(work / "bundles" / "ssl")
+    return start
+
+
+def stage_ssl(args: argparse.Namespace, work: Path) -> None:
+    """SimCLR pre-training on the real training crops, labels ignored (never val or test crops)."""
+    from wsi_screen.train.ssl import SSLConfig, pretrain_ssl
+
+    out = work / "bundles" / "ssl"
+    if (out / "bundle.json").is_file() and "ssl" not in args.force:
+        return
+    train = _load(work, "train")  # real cells of the training part only
+    cfg = SSLConfig(
+        arch=args.arch,
+        epochs=args.ssl_epochs,
+        batch_size=64,
+        seed=args.seed,
+        threads=args.threads,
+        max_minutes=args.ssl_minutes,
+        half=True,
+    )
+    t0 = time.perf_counter()
+    bundle = pretrain_ssl(
+        train,
+        out,
+        config=cfg,
+        name="ssl-backbone",
+        work_dir=work / "bundles" / "ssl.train",
+        resume="ssl" not in args.force,
+        description=f"{args.arch} backbone, SimCLR on the {len(train)} real training crops (labels unused)",
+    )
+    hist = bundle.config.training["history"]
+    logger.info(
+        "ssl: %d epochs in %.0f s, final NT-Xent %.3f, partner found %.3f",
+        len(hist),
+        time.perf_counter() - t0,
+        hist[-1]["loss"],
+        hist[-1]["pair_top1"],
+    )
+
+
 def stage_train(args: argparse.Namespace, work: Path) -> None:
     from wsi_screen.train.augment import AugmentConfig
     from wsi_screen.train.classifier import TrainConfig, train_classifier
@@ -382,7 +447,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
             init=(
                 (str(work / "bundles" / start) if (work / "bundles" / start).is_dir() else start)
                 if second
-                else {"init": "cyto-synth-v1"}.get(variant)
+                else _first_stage_init(work, variant)
             ),
             patience=args.epochs,
             threads=args.threads,
@@ -1000,6 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--binary-loss", type=float, default=1.0, help="refit-ec-bin: weight of the screening loss"
     )
+    p.add_argument("--ssl-epochs", type=int, default=12, help="ssl: SimCLR epochs over the train crops")
+    p.add_argument("--ssl-minutes", type=float, default=None, help="ssl: stop after an epoch past this")
     p.add_argument("--arch", default="mobilenetv3_small_100")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--samples-per-epoch", type=int, default=None)

@@ -192,6 +192,11 @@ class CellClassifier:
             cfg = b.config
             if cfg.task != "classification":
                 raise BundleError(f"bundle {cfg.name} is a {cfg.task} model, not a classifier")
+            if cfg.inference.get("backbone_only"):
+                raise BundleError(
+                    f"bundle {cfg.name} is a self-supervised backbone without a classifier: train one from "
+                    f"it (wsi-screen train classifier --init {cfg.name}) and screen with that"
+                )
             for attr in ("class_names", "input_size", "mpp", "input_representation"):
                 if getattr(cfg, attr) != getattr(first, attr):
                     raise BundleError(

@@ -12,4 +12,5 @@ from wsi_screen.cli import (  # noqa: F401
     slides,
     train,
     train_classifier,
+    train_ssl,
 )

@@ -77,6 +77,7 @@ COMMAND_FLAGS: dict[str, dict[str, str]] = {
         "work_dir": "--work-dir",
     },
     "train unet": {"device": "--device"},
+    "train ssl": _CROP_FLAGS | {"target_mpp": "--model-mpp", "size": "--input-size", "resume": "--resume"},
 }
 
 
