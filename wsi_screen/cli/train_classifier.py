@@ -19,7 +19,7 @@ from wsi_screen.cli.train import train
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["crops_from_options", "data_option_values", "data_options"]
+__all__ = ["crops_from_options", "data_option_values", "data_options", "run_options"]
 
 
 def _csv_list(text: str | None) -> list[str] | None:
@@ -121,6 +121,56 @@ def data_options(func: F) -> F:
             show_default=True,
             help="Reinhard source statistics of --data crops: pooled per group (slide/patient/image), "
             "per crop, over the data set, or no normalization.",
+        ),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def run_options(func: F) -> F:
+    """How and where a training run runs (shared by ``train classifier`` and ``train ssl``)."""
+    opts = [
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+            default="auto",
+            show_default=True,
+            help="Training device (auto: CUDA, then MPS, then CPU).",
+        ),
+        click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0: all cores)."),
+        click.option(
+            "--max-minutes",
+            type=click.FloatRange(min=0.0, min_open=True),
+            default=None,
+            help="Stop (cleanly, after an epoch) once this much training time has passed.",
+        ),
+        click.option(
+            "--samples-per-epoch",
+            type=click.IntRange(min=2),
+            default=None,
+            help="Crops per epoch (default: every training crop once).",
+        ),
+        click.option(
+            "--work-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Checkpoints and logs (default: OUTPUT.train beside the bundle).",
+        ),
+        click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the work folder."),
+        click.option(
+            "--half/--no-half", default=False, show_default=True, help="Store the weights as float16."
+        ),
+        click.option(
+            "--input-size", type=click.IntRange(min=32), default=224, show_default=True, help="Crop side, px."
+        ),
+        click.option(
+            "--model-mpp",
+            type=click.FloatRange(min=0.05, max=5.0),
+            default=0.25,
+            show_default=True,
+            help="µm/px the classifier works at (crops are resampled to it).",
         ),
     ]
     for opt in reversed(opts):
@@ -333,50 +383,12 @@ def crops_from_options(
 )
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.15, show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0.0, 0.9), default=0.15, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-    default="auto",
-    show_default=True,
-    help="Training device (auto: CUDA, then MPS, then CPU).",
-)
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0: all cores).")
-@click.option(
-    "--max-minutes",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=None,
-    help="Stop (cleanly, after an epoch) before this much training time has passed.",
-)
-@click.option(
-    "--samples-per-epoch",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Crops per epoch (default: the training split's size).",
-)
-@click.option(
-    "--work-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Checkpoints and logs (default: OUTPUT.train beside the bundle).",
-)
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the work folder.")
-@click.option("--half/--no-half", default=False, show_default=True, help="Store the weights as float16.")
+@run_options
 @click.option(
     "--save-crops",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Also save the prepared crops (a crop set --data reads back without re-preparing).",
-)
-@click.option(
-    "--input-size", type=click.IntRange(min=32), default=224, show_default=True, help="Crop side, px."
-)
-@click.option(
-    "--model-mpp",
-    type=click.FloatRange(min=0.05, max=5.0),
-    default=0.25,
-    show_default=True,
-    help="µm/px the classifier works at (crops are resampled to it).",
 )
 @click.option("--description", default="", help="One line for the bundle (what it is).")
 @click.option("--intended-use", default="", help="Recorded in the bundle.")

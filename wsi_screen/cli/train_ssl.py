@@ -14,7 +14,7 @@ import click
 from wsi_screen.cli.main import common_options, configure_from_context
 from wsi_screen.cli.options import config_options, settings_from_options
 from wsi_screen.cli.train import train
-from wsi_screen.cli.train_classifier import crops_from_options, data_option_values, data_options
+from wsi_screen.cli.train_classifier import crops_from_options, data_option_values, data_options, run_options
 
 
 @train.command("ssl", short_help="Pre-train a classifier backbone on unlabelled crops (SimCLR).")
@@ -59,42 +59,7 @@ from wsi_screen.cli.train_classifier import crops_from_options, data_option_valu
     show_default=True,
     help="Smallest share of a crop's area that a view covers (random resized crop).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-    default="auto",
-    show_default=True,
-    help="Training device (auto: CUDA, then MPS, then CPU).",
-)
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0: all cores).")
-@click.option(
-    "--max-minutes",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=None,
-    help="Stop (cleanly, after an epoch) once this much training time has passed.",
-)
-@click.option(
-    "--samples-per-epoch", type=click.IntRange(min=2), default=None, help="Crops per epoch (default: all)."
-)
-@click.option(
-    "--work-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Checkpoints (default: OUTPUT.train beside the bundle).",
-)
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the work folder.")
-@click.option("--half/--no-half", default=False, show_default=True, help="Store the weights as float16.")
-@click.option(
-    "--input-size", type=click.IntRange(min=32), default=224, show_default=True, help="Crop side, px."
-)
-@click.option(
-    "--model-mpp",
-    type=click.FloatRange(min=0.05, max=5.0),
-    default=0.25,
-    show_default=True,
-    help="µm/px of the crops (the classifier trained from the backbone must use the same).",
-)
+@run_options
 @config_options
 @common_options
 @click.pass_context

@@ -191,17 +191,6 @@ class _SimCLR:
         return [p for m in self.modules() for p in m.parameters()]
 
 
-def _dataset_mean_std(
-    crops: NDArray[np.uint8], idx: NDArray[np.intp], seed: int
-) -> tuple[list[float], list[float]]:
-    rng = np.random.default_rng(seed)
-    take = np.sort(rng.choice(idx, size=min(len(idx), 512), replace=False))
-    x = np.asarray(crops[take], np.float64) / 255.0
-    mean = x.reshape(-1, 3).mean(axis=0)
-    std = x.reshape(-1, 3).std(axis=0)
-    return [round(float(m), 4) for m in mean], [round(float(max(s, 1e-3)), 4) for s in std]
-
-
 def pretrain_ssl(
     data: CropSet,
     out_dir: str | Path,
@@ -229,6 +218,7 @@ def pretrain_ssl(
     from wsi_screen.models.bundle import BundleConfig, StainTarget, save_bundle
     from wsi_screen.models.registry import create_model
     from wsi_screen.stain import DEFAULT_TARGET
+    from wsi_screen.train.classifier import _dataset_mean_std, _lr_factor
     from wsi_screen.train.common import Progress, resolve_training_device, seed_everything
 
     cfg = config or SSLConfig()
@@ -255,12 +245,9 @@ def pretrain_ssl(
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def lr_factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, warmup=warmup, total=total)
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
     start_epoch = 1
