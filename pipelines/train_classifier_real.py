@@ -35,7 +35,8 @@ Stages (``--stages``, default all, in this order):
     ``train_classifier`` on the train crops (+ synthetic), validated (model selection) on the val
     crops; variants ``--variants`` (``scratch``; ``init``: synthetic pre-training, initialised from
     ``cyto-synth-v1``, class-balanced draws; ``ssl-init``: the ``scratch`` recipe started from the
-    ``ssl`` stage's backbone; ``finetune``: ``init`` trained further at half the
+    ``ssl`` stage's backbone, and ``ssl-finetune`` the ``finetune`` second stage from it;
+    ``finetune``: ``init`` trained further at half the
     learning rate with NILM and organism drawn ``--negative-weight`` × as often, so that about half
     the draws are negative; ``scratch-finetune``: the same second stage from ``scratch``;
     ``finetune-columnar``: ``finetune`` trained further at lr 5·10⁻⁴ with Herlev's normal columnar
@@ -72,6 +73,9 @@ Stages (``--stages``, default all, in this order):
     Test-time augmentation (``classification.tta``: ``--tta`` flips/rotations per crop, averaged)
     against none, for each of ``--variants``, on the val and test crops, each at its own validation
     threshold, with the AUROC gain and a paired bootstrap interval. ``WORK/tta<N>.json``.
+``compare`` (only when asked for)
+    The binary AUROC of each of ``--variants`` after the first against the first, on the same val and
+    test crops, with a paired bootstrap interval over cells. ``WORK/compare.json``.
 ``ship``
     Copies the ``--ship`` variant to ``wsi_screen/models/bundles/<--name>`` with its figures and its
     ``thresholds.flag_score`` (the validation threshold above), which ``run_slide`` uses as the
@@ -118,9 +122,10 @@ STAGES = (
     "ship",
     "cross-source",
     "tta",
+    "compare",
 )
 #: Stages run when ``--stages`` is not given (``ssl``, ``cross-source`` train extra models: asked for).
-DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ssl", "cross-source", "tta"))
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ssl", "cross-source", "tta", "compare"))
 #: The classes both sides of the cross-source table share (issue 14, item 3).
 CROSS_CLASSES = ["NILM", "LSIL", "HSIL"]
 #: The two sides of the cross-source table: what each holds, from the crops of every part.
@@ -139,6 +144,7 @@ HERLEV_NORMAL_KINDS = {
 FINETUNE_FROM = {
     "finetune": "init",
     "scratch-finetune": "scratch",
+    "ssl-finetune": "ssl-init",
     "finetune-columnar": "finetune",
     "refit": "cyto-real-v1",
     "refit-ec": "cyto-real-v1",
@@ -720,6 +726,46 @@ def stage_tta(args: argparse.Namespace, work: Path) -> None:
             entry["test_auroc_gain"],
         )
     _write_json(work / f"tta{args.tta}.json", res)
+
+
+def stage_compare(args: argparse.Namespace, work: Path) -> None:
+    """The binary AUROC of every other ``--variants`` bundle against the first, on the same val and
+    test crops, with a paired bootstrap interval over cells (``WORK/compare.json``)."""
+    if len(args.variants) < 2:
+        raise SystemExit("compare needs two or more --variants: the first is the reference")
+    val, test = _load(work, "val"), _load(work, "test")
+    ab = [CLASSES.index(c) for c in ABNORMAL]
+    neg = [CLASSES.index(c) for c in NEGATIVE]
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for variant in args.variants:
+        bundle = work / "bundles" / variant
+        if not (bundle / "bundle.json").is_file():
+            raise SystemExit(f"no bundle {bundle}: train the variant first (--stages train)")
+        scores[variant] = (
+            crop_probs(bundle, val)[:, ab].sum(axis=1),
+            crop_probs(bundle, test)[:, ab].sum(axis=1),
+        )
+    ref = args.variants[0]
+    res: dict[str, Any] = {"reference": ref}
+    for variant in args.variants[1:]:
+        entry = {}
+        for part, data, k in (("val", val, 0), ("test", test, 1)):
+            m = np.isin(data.labels, ab + neg)
+            entry[f"{part}_auroc_gain"] = _paired_auroc_difference(
+                scores[ref][k][m],
+                scores[variant][k][m],
+                np.isin(data.labels[m], ab),
+                data.groups[m].astype(str),
+            )
+        res[variant] = entry
+        logger.info(
+            "%s against %s: val AUROC %s; test %s",
+            variant,
+            ref,
+            entry["val_auroc_gain"],
+            entry["test_auroc_gain"],
+        )
+    _write_json(work / "compare.json", res)
 
 
 def stage_ablation(args: argparse.Namespace, work: Path) -> None:
