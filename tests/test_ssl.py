@@ -164,7 +164,17 @@ def test_train_ssl_cli_writes_a_backbone_that_train_classifier_takes(
     data = _write_unlabelled_folder(tmp_path / "crops")
     out = tmp_path / "ssl"
     args = ["train", "ssl", "--data", str(data), "--mpp", "0.25", "--input-size", "48", "-o", str(out)]
-    small = ["--arch", "mobilenetv3_small_050", "--epochs", "1", "--batch-size", "6", "--view-size", "40", "-q"]
+    small = [
+        "--arch",
+        "mobilenetv3_small_050",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--view-size",
+        "40",
+        "-q",
+    ]
     with pytest.raises(SystemExit) as exc:
         main([*args, *small])
     captured = capsys.readouterr()
