@@ -681,13 +681,28 @@ def _paired_auroc_difference(
     return {"value": value, "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]}
 
 
+def _auroc_gains(
+    ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], val: Any, test: Any
+) -> dict[str, Any]:
+    """``val_auroc_gain`` and ``test_auroc_gain``: the paired AUROC difference of two (val, test)
+    abnormality scores on the binary crops (abnormal against NILM/organism/endocervical)."""
+    ab = [CLASSES.index(c) for c in ABNORMAL]
+    neg = [CLASSES.index(c) for c in NEGATIVE]
+    out = {}
+    for part, data, k in (("val", val, 0), ("test", test, 1)):
+        m = np.isin(data.labels, ab + neg)
+        out[f"{part}_auroc_gain"] = _paired_auroc_difference(
+            ref[k][m], new[k][m], np.isin(data.labels[m], ab), data.groups[m].astype(str)
+        )
+    return out
+
+
 def stage_tta(args: argparse.Namespace, work: Path) -> None:
     """Test-time augmentation (``classification.tta``) against none, for each of ``--variants``: both
     scored on the same crops, each at its own validation threshold, and the validation AUROC gain with
     a paired bootstrap interval (the decision is made on validation)."""
     val, test = _load(work, "val"), _load(work, "test")
     ab = [CLASSES.index(c) for c in ABNORMAL]
-    neg = [CLASSES.index(c) for c in NEGATIVE]
     res: dict[str, Any] = {
         "views": args.tta,
         "rule": f"largest score with val sensitivity ≥ {args.val_sensitivity}",
@@ -709,14 +724,7 @@ def stage_tta(args: argparse.Namespace, work: Path) -> None:
                 "test": screening_figures(pt, test.labels, test.sources, test.groups, t),
             }
             scores[views] = (pv[:, ab].sum(axis=1), pt[:, ab].sum(axis=1))
-        for part, data, k in (("val", val, 0), ("test", test, 1)):
-            m = np.isin(data.labels, ab + neg)
-            entry[f"{part}_auroc_gain"] = _paired_auroc_difference(
-                scores[1][k][m],
-                scores[args.tta][k][m],
-                np.isin(data.labels[m], ab),
-                data.groups[m].astype(str),
-            )
+        entry.update(_auroc_gains(scores[1], scores[args.tta], val, test))
         res[variant] = entry
         logger.info(
             "%s: val AUROC gain of tta=%d %s; test %s",
@@ -735,7 +743,6 @@ def stage_compare(args: argparse.Namespace, work: Path) -> None:
         raise SystemExit("compare needs two or more --variants: the first is the reference")
     val, test = _load(work, "val"), _load(work, "test")
     ab = [CLASSES.index(c) for c in ABNORMAL]
-    neg = [CLASSES.index(c) for c in NEGATIVE]
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for variant in args.variants:
         bundle = work / "bundles" / variant
@@ -748,15 +755,7 @@ def stage_compare(args: argparse.Namespace, work: Path) -> None:
     ref = args.variants[0]
     res: dict[str, Any] = {"reference": ref}
     for variant in args.variants[1:]:
-        entry = {}
-        for part, data, k in (("val", val, 0), ("test", test, 1)):
-            m = np.isin(data.labels, ab + neg)
-            entry[f"{part}_auroc_gain"] = _paired_auroc_difference(
-                scores[ref][k][m],
-                scores[variant][k][m],
-                np.isin(data.labels[m], ab),
-                data.groups[m].astype(str),
-            )
+        entry = _auroc_gains(scores[ref], scores[variant], val, test)
         res[variant] = entry
         logger.info(
             "%s against %s: val AUROC %s; test %s",
