@@ -34,7 +34,10 @@ Stages (``--stages``, default all, in this order):
 ``train``
     ``train_classifier`` on the train crops (+ synthetic), validated (model selection) on the val
     crops; variants ``--variants`` (``scratch``; ``init``: synthetic pre-training, initialised from
-    ``cyto-synth-v1``, class-balanced draws; ``ssl-init``: the ``scratch`` recipe started from the
+    ``cyto-synth-v1``, class-balanced draws; ``scratch-natural``: ``scratch`` with draws at the
+    crops' natural class frequencies (the class-balanced-sampling ablation); ``scratch-runicnet``:
+    ``scratch`` with the ``runicnet-tiny`` backbone instead of ``--arch`` (RunicNet against the timm
+    backbone); ``ssl-init``: the ``scratch`` recipe started from the
     ``ssl`` stage's backbone, and ``ssl-finetune`` the ``finetune`` second stage from it;
     ``finetune``: ``init`` trained further at half the
     learning rate with NILM and organism drawn ``--negative-weight`` × as often, so that about half
@@ -153,7 +156,13 @@ FINETUNE_FROM = {
     "refit-src": "cyto-real-v1",
 }
 #: First-stage variants and the bundle each starts from (``scratch``: random weights).
-FIRST_STAGE_INIT = {"scratch": None, "init": "cyto-synth-v1", "ssl-init": "ssl"}
+FIRST_STAGE_INIT = {
+    "scratch": None,
+    "init": "cyto-synth-v1",
+    "ssl-init": "ssl",
+    "scratch-natural": None,
+    "scratch-runicnet": None,
+}
 VARIANTS = (*FIRST_STAGE_INIT, *FINETUNE_FROM)
 #: Variants that keep Herlev's columnar cells apart as ``endocervical`` (the others train them as NILM).
 ENDOCERVICAL_VARIANTS = frozenset({"refit-ec", "refit-ec-bin"})
@@ -165,6 +174,12 @@ STRONG_AUGMENT_VARIANTS = frozenset({"refit-aug"})
 #: Variants whose draws are balanced over sources within each class (``TrainConfig.balance_sources``:
 #: Herlev's normal cells as often as the LBC-field nuclei, Herlev's HSIL as often as lbc-cells').
 SOURCE_BALANCED_VARIANTS = frozenset({"refit-src"})
+#: Variants drawn at the crops' natural class frequencies (no class balance), issue 14's
+#: class-balanced-sampling ablation against ``scratch``.
+NATURAL_DRAW_VARIANTS = frozenset({"scratch-natural"})
+#: Variants trained with another backbone than ``--arch`` (issue 14's RunicNet against the timm
+#: backbone): ``runicnet-tiny`` is the RunicNet size a 2-core CPU trains in the time of a timm run.
+VARIANT_ARCH = {"scratch-runicnet": "runicnet-tiny"}
 
 
 def variant_classes(variant: str) -> list[str]:
@@ -439,12 +454,12 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
         classes = variant_classes(variant)
         start = FINETUNE_FROM.get(variant, "")
         cfg = TrainConfig(
-            arch=args.arch,
+            arch=VARIANT_ARCH.get(variant, args.arch),
             epochs=args.epochs,
             batch_size=64,
             lr=5e-4 if variant == "finetune-columnar" else 1e-3 if second else 2e-3,
             warmup_epochs=0.5 if second else 1.0,
-            balanced_sampler=True,
+            balanced_sampler=variant not in NATURAL_DRAW_VARIANTS,
             balance_sources=variant in SOURCE_BALANCED_VARIANTS,
             label_smoothing=0.05,
             binary_loss=args.binary_loss if variant in SCREENING_LOSS_VARIANTS else 0.0,

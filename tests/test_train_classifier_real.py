@@ -101,3 +101,16 @@ def test_paired_auroc_difference() -> None:
     gain = tcr._paired_auroc_difference(a, perfect, positive, groups, reps=200)
     assert gain["value"] == pytest.approx(1.0 - roc_auc_score(positive, a))
     assert 0.0 < gain["ci95"][0] <= gain["value"] <= gain["ci95"][1]
+
+
+def test_ablation_variants_are_trainable_first_stages() -> None:
+    """The sampling and backbone ablations are first stages from random weights, on registered
+    architectures, and nothing else about their recipe changes."""
+    from wsi_screen.models.registry import is_architecture
+
+    for variant in (*tcr.NATURAL_DRAW_VARIANTS, *tcr.VARIANT_ARCH):
+        assert variant in tcr.VARIANTS
+        assert tcr.FIRST_STAGE_INIT[variant] is None
+    assert all(is_architecture(a) for a in tcr.VARIANT_ARCH.values())
+    assert not is_architecture("runicnet-none")
+    assert "scratch" not in tcr.NATURAL_DRAW_VARIANTS and "scratch" not in tcr.VARIANT_ARCH
