@@ -22,7 +22,8 @@ organisms). The slide side follows from ``--cells`` and the preparation's cell d
 
 Real-cell slides use the cells of one part of the split manifest (``pipelines/splits/real.json``):
 abnormal cells from the Herlev and ``lbc-cells`` abnormal classes of that part, NILM from Herlev's
-normal cells of that part (each crop used many times, turned, flipped and rescaled by the compositor),
+normal cells of that part (2 % of them endocervical by default, ``--columnar-share``; each crop used
+many times, turned, flipped and rescaled by the compositor),
 organism crops (NILM) on some slides, and — with the default ``--compositor paste``
 (:func:`wsi_screen.train.cell_slides.compose_cell_slide`) — real LBC fields of that part
 (``lbc-nuclei``: NILM squamous and neutrophil nuclei) under the cells. ``--compositor lattice`` uses
@@ -67,6 +68,13 @@ SPOT_RADIUS = 0.46
 #: Real-cell slides: share of slides with organisms, and organism crops on such a slide.
 ORGANISM_SLIDE_P = 0.3
 ORGANISM_CELLS = (5, 30)
+#: Real-cell slides: share of the NILM cells drawn from Herlev's normal *columnar* (endocervical)
+#: cells. A cervical sample holds mostly squamous cells; Bethesda asks only ≥ 10 endocervical or
+#: metaplastic cells for a transformation-zone component, so tens to a few hundred among thousands
+#: of squamous cells (about 0.5–5 %). Drawn in pool proportions instead, 46 % of a test slide's
+#: NILM cells (17 of 37 crops) and 73 % of a validation slide's (19 of 26) are columnar.
+COLUMNAR_SHARE = 0.02
+COLUMNAR_FOLDER = "normal_columnar/"
 
 
 @dataclass(frozen=True)
@@ -259,6 +267,25 @@ def _draw(rng: np.random.Generator, pool: Sequence[Any], n: int) -> list[Any]:
     return out
 
 
+def draw_nilm(
+    rng: np.random.Generator, nilm: Sequence[Any], n: int, columnar_share: float | None
+) -> tuple[list[Any], int]:
+    """``n`` NILM cells of ``nilm`` and how many are columnar (Herlev ``normal_columnar``).
+
+    ``columnar_share``: the share of columnar cells (rounded; none where the pool has none), the
+    rest squamous; ``None`` draws from the whole pool, in its own proportions.
+    """
+    columnar = [c for c in nilm if c.name.startswith(COLUMNAR_FOLDER)]
+    if columnar_share is None:
+        cells = _draw(rng, nilm, n)
+        return cells, sum(c.name.startswith(COLUMNAR_FOLDER) for c in cells)
+    squamous = [c for c in nilm if not c.name.startswith(COLUMNAR_FOLDER)]
+    if not squamous:
+        raise SystemExit("build_cohorts: the NILM pool has no squamous cells")
+    n_col = round(columnar_share * n) if columnar else 0
+    return [*_draw(rng, squamous, n - n_col), *_draw(rng, columnar, n_col)], n_col
+
+
 def build_real(
     out: Path,
     *,
@@ -272,8 +299,12 @@ def build_real(
     manifest: Path = MANIFEST,
     compositor: str = "paste",
     pitch_um: float = 40.0,
+    columnar_share: float | None = COLUMNAR_SHARE,
 ) -> dict[str, Any]:
-    """One real-cell cohort of split part ``part`` in ``out``; returns its ``cohort.json``."""
+    """One real-cell cohort of split part ``part`` in ``out``; returns its ``cohort.json``.
+
+    ``columnar_share``: share of the NILM cells that are endocervical (:func:`draw_nilm`).
+    """
     from wsi_screen.train.cell_slides import compose_cell_slide, write_image_slide
 
     pools, backgrounds = real_cell_pools(data, manifest, part)
@@ -304,7 +335,8 @@ def build_real(
             chosen = []
         abnormal = _draw(rng, pools[p.diagnosis], p.n_abnormal) if p.n_abnormal else []
         n_nilm = max(0, n_cells - len(abnormal) - len(chosen))
-        cells = [*_draw(rng, nilm, n_nilm), *chosen, *abnormal]
+        nilm_cells, n_columnar = draw_nilm(rng, nilm, n_nilm, columnar_share)
+        cells = [*nilm_cells, *chosen, *abnormal]
         path = slides_dir / f"{p.name}.tiff"
         bg_nuclei = 0
         if real is None:
@@ -348,6 +380,7 @@ def build_real(
                 "prevalence_with_background": n_abn / (squamous + bg_nuclei) if squamous else 0.0,
                 "objects": {
                     **counts,
+                    "NILM_columnar": n_columnar,
                     "background_nuclei": bg_nuclei,
                     "distinct_abnormal_crops": len({c.name for c in abnormal}),
                 },
@@ -367,6 +400,8 @@ def build_real(
         "mpp": SLIDE_MPP,
         "manifest": str(manifest),
         "pools": {k: len(v) for k, v in sorted(pools.items())},
+        "nilm_columnar_pool": sum(c.name.startswith(COLUMNAR_FOLDER) for c in nilm),
+        "columnar_share": columnar_share,
         "background_fields": len(backgrounds) if compositor == "paste" else 0,
     }
     return _finish(out, design, plans, records, n_cells, seed, adequacy_fraction, None)
@@ -428,6 +463,19 @@ def _finish(
     return cohort
 
 
+def _share(text: str) -> float | None:
+    """``--columnar-share``: a share in [0, 1], or ``pool``."""
+    if text.strip().lower() == "pool":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] or 'pool', got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] or 'pool', got {text!r}")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     from wsi_screen.synth import STAIN_PROFILES
 
@@ -452,6 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="synthetic render processes")
     p.add_argument("--compositor", choices=["paste", "lattice"], default="paste", help="real cells")
     p.add_argument("--pitch-um", type=float, default=40.0, help="real cells: lattice pitch (paste)")
+    p.add_argument(
+        "--columnar-share",
+        type=_share,
+        default=COLUMNAR_SHARE,
+        metavar="SHARE|pool",
+        help=f"real cells: share of NILM cells that are endocervical (default {COLUMNAR_SHARE}); "
+        "'pool' draws them in the part's own proportions",
+    )
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--manifest", type=Path, default=MANIFEST)
     p.add_argument("-o", "--out", type=Path, required=True)
@@ -475,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest=args.manifest,
             compositor=args.compositor,
             pitch_um=args.pitch_um,
+            columnar_share=args.columnar_share,
             **common,
         )
         return 0

@@ -12,6 +12,13 @@ ties count one half; also HSIL+ vs NILM) and the share of NILM slides set aside 
 (threshold = the lowest abnormal slide's score; ties kept). Also the tail (p99, p99.9, max) of the cell
 scores on the NILM slides, where a slide score with rare abnormal cells has to live.
 
+With ``--cohort DIR`` (a real-cell cohort of ``build_cohorts.py``, whose ``truth/*.truth.npz`` hold
+the pasted cells' footprints and names) it also breaks the cells down by the truth cell each detection
+lies in (:func:`cells_by_truth_type`: Herlev class folder, ``lbc-cells`` folder, ``lbc_field_nucleus``
+for a background field's nucleus, ``unmatched`` for none), on the NILM and on the abnormal slides: how
+many detections, the share flagged (abnormality score ≥ the batch's ``output.flag_min_score``) and
+their tail. That says which NILM cells carry the false flags.
+
 Writes the JSON (``-o``, default ``BATCH_OUT/slide-scores.json``) and prints a table, best first (most
 NILM set aside at full sensitivity, then AUROC). Slides diagnosed ``unsatisfactory`` are left out;
 slides triaged unsatisfactory are scored (the comparison is of the ranking, not of adequacy).
@@ -190,6 +197,67 @@ def compare(
     return jsonable(result)  # type: ignore[no-any-return]
 
 
+UNMATCHED = "unmatched"
+FIELD_NUCLEUS = "lbc_field_nucleus"
+
+
+def cells_by_truth_type(
+    batch_dir: Path, cohort_dir: Path, slides: Sequence[Mapping[str, Any]], threshold: float | None = None
+) -> dict[str, Any]:
+    """Detections of every slide grouped by the truth cell they lie in, on NILM and abnormal slides.
+
+    A detection's level-0 centre is looked up in its slide's ``truth/<slide_id>.truth.npz``: inside a
+    pasted cell's footprint (``cells``), its type is the first folder of that cell's name (Herlev class,
+    ``lbc-cells`` class or organism); else inside a background field's nucleus
+    (``background``) it is ``lbc_field_nucleus``; else ``unmatched``. ``threshold``: the flag
+    threshold (default: the batch's ``output.flag_min_score``). Per group and type: ``n`` detections,
+    ``flagged`` share with abnormality score ≥ threshold, and the score tail.
+    """
+    from wsi_screen.errors import WsiScreenError
+    from wsi_screen.evaluation import score_tail
+    from wsi_screen.store import read_attrs, read_column
+
+    groups: dict[str, dict[str, list[np.ndarray]]] = {"nilm_slides": {}, "abnormal_slides": {}}
+    for s in slides:
+        truth_path = cohort_dir / "truth" / f"{s['slide_id']}.truth.npz"
+        if not truth_path.is_file():
+            raise WsiScreenError(f"{truth_path} not found: --cohort must be the cohort of this batch")
+        with np.load(truth_path) as t:
+            if "names" not in t.files:
+                raise WsiScreenError(f"{truth_path} has no cell names (a real-cell paste cohort is needed)")
+            cells, background, names = t["cells"], t["background"], [str(n) for n in t["names"]]
+        store = batch_dir / str(s["slide_id"]) / "cells.zarr"
+        if threshold is None:
+            threshold = float(read_attrs(store)["config"]["output"]["flag_min_score"])
+        x = np.asarray(read_column(store, "x"), np.float64)
+        y = np.asarray(read_column(store, "y"), np.float64)
+        names_cls = list(s["class_names"])
+        idx = [names_cls.index(c) for c in s["abnormal_classes"]]
+        score = np.clip(np.asarray(s["probs"], np.float64)[:, idx].sum(axis=1), 0.0, 1.0)
+        xi = np.clip(np.floor(x).astype(np.int64), 0, cells.shape[1] - 1)
+        yi = np.clip(np.floor(y).astype(np.int64), 0, cells.shape[0] - 1)
+        lab = cells[yi, xi].astype(np.int64)
+        in_bg = background[yi, xi] > 0
+        kinds = np.array(
+            [
+                names[v - 1].split("/", 1)[0] if v else (FIELD_NUCLEUS if b else UNMATCHED)
+                for v, b in zip(lab, in_bg, strict=True)
+            ],
+            dtype=object,
+        )
+        g = groups["nilm_slides" if s["diagnosis"] == "NILM" else "abnormal_slides"]
+        for k in set(kinds.tolist()):
+            g.setdefault(k, []).append(score[kinds == k])
+    out: dict[str, Any] = {"flag_threshold": threshold}
+    for name, g in groups.items():
+        table = {}
+        for k in sorted(g):
+            v = np.concatenate(g[k])
+            table[k] = {"flagged": float(np.mean(v >= threshold)), **score_tail(v)}
+        out[name] = table
+    return out
+
+
 def _f(v: Any, fmt: str = ".3f") -> str:
     return format(float(v), fmt) if isinstance(v, (int, float)) and v == v else "–"
 
@@ -217,6 +285,18 @@ def format_table(result: Mapping[str, Any]) -> str:
             f"  {k:<26} n {t['n']:>8}  p99 {_f(t['p99'], '.4f')}  p99.9 {_f(t['p99.9'], '.4f')}  "
             f"max {_f(t['max'], '.4f')}"
         )
+    by = result.get("cells_by_truth_type")
+    if by:
+        lines += [
+            "",
+            f"detections by truth cell type (flagged: abnormality ≥ {_f(by['flag_threshold'], '.4g')}):",
+        ]
+        for group in ("nilm_slides", "abnormal_slides"):
+            for k, t in by[group].items():
+                lines.append(
+                    f"  {group:<16} {k:<22} n {t['n']:>7}  flagged {_f(t['flagged'], '.1%'):>6}  "
+                    f"p99 {_f(t['p99'], '.3f')}  p99.9 {_f(t['p99.9'], '.3f')}"
+                )
     return "\n".join(lines)
 
 
@@ -236,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--high-grade", default=None, help="HSIL+ diagnoses (default: ASC-H, HSIL, AGC, AIS, SCC…)"
     )
+    p.add_argument(
+        "--cohort", type=Path, default=None, help="real-cell cohort folder: cells by truth cell type"
+    )
     p.add_argument("-o", "--out", type=Path, default=None, help="JSON (default BATCH_OUT/slide-scores.json)")
     args = p.parse_args(argv)
     try:
@@ -246,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         hg = parse_high_grade(args.high_grade) if args.high_grade else None
         slides = load_cohort_cells(args.batch_out, args.diagnoses)
         result = compare(slides, top_k=top_k, thresholds=thresholds, high_grade=hg)
+        if args.cohort is not None:
+            result["cells_by_truth_type"] = cells_by_truth_type(args.batch_out, args.cohort, slides)
     except (WsiScreenError, ValueError) as exc:
         print(f"compare_slide_scores: error: {exc}", file=sys.stderr)
         return 2

@@ -44,6 +44,59 @@ def test_plan_cohort_counts_and_diagnoses() -> None:
     assert plans == bc.plan_cohort(30, 30, 2000, bc.SYNTHETIC_DIAGNOSES, seed=3)  # reproducible
 
 
+def test_draw_nilm_keeps_the_columnar_share() -> None:
+    bc = load_pipeline("build_cohorts")
+
+    class Cell:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    pool = [Cell(f"normal_columnar/{i}.bmp") for i in range(17)]
+    pool += [Cell(f"normal_intermediate/{i}.bmp") for i in range(11)]
+    pool += [Cell(f"normal_superficiel/{i}.bmp") for i in range(9)]
+    rng = np.random.default_rng(0)
+    cells, n_col = bc.draw_nilm(rng, pool, 2000, 0.02)
+    assert len(cells) == 2000 and n_col == 40
+    assert sum(c.name.startswith("normal_columnar/") for c in cells) == 40
+    # every squamous crop is used before any is repeated: 1960 draws over 20 crops, 98 each
+    names = [c.name for c in cells if not c.name.startswith("normal_columnar/")]
+    assert sorted(set(names.count(n) for n in names)) == [98]
+    # in pool proportions (the old design) the columnar cells are 17 of 37
+    cells, n_col = bc.draw_nilm(rng, pool, 3700, None)
+    assert n_col == 1700 == sum(c.name.startswith("normal_columnar/") for c in cells)
+    _, n_col = bc.draw_nilm(rng, [c for c in pool if "columnar" not in c.name], 100, 0.5)
+    assert n_col == 0  # no columnar cell in the pool: all squamous
+    with pytest.raises(SystemExit, match="no squamous"):
+        bc.draw_nilm(rng, pool[:17], 10, 0.02)
+
+
+def test_columnar_share_option() -> None:
+    bc = load_pipeline("build_cohorts")
+    assert bc._share("pool") is None and bc._share("0.05") == 0.05
+    with pytest.raises(Exception, match="share in"):
+        bc._share("1.5")
+
+
+def test_tiny_real_cohort_builds(shared_data: Path, tmp_path: Path) -> None:
+    """Real cells of the validation part: one NILM and one abnormal slide, 2 % endocervical NILM."""
+    bc = load_pipeline("build_cohorts")
+    out = tmp_path / "real"
+    design = ["--kind", "real", "--part", "val", "--negatives", "1", "--abnormals", "1", "--cells", "100"]
+    bc.main([*design, "--data", str(shared_data), "-o", str(out)])
+    cohort = json.loads((out / "cohort.json").read_text())
+    assert cohort["columnar_share"] == 0.02 and cohort["nilm_columnar_pool"] > 0
+    neg, abn = sorted(cohort["slides"], key=lambda r: r["diagnosis"] != "NILM")
+    assert neg["diagnosis"] == "NILM" and neg["n_abnormal"] == 0
+    assert abn["diagnosis"] != "NILM" and abn["n_abnormal"] >= 3
+    for r in (neg, abn):
+        assert r["objects"]["NILM_columnar"] == round(0.02 * r["objects"]["NILM"])
+        truth = np.load(out / "truth" / f"{Path(r['slide']).stem}.truth.npz")
+        names = [str(n) for n in truth["names"]]
+        assert len(names) == r["n_cells"] + r["objects"].get("organism", 0)
+        assert sum(n.startswith("normal_columnar/") for n in names) == r["objects"]["NILM_columnar"]
+    assert (out / "slides" / neg["slide"]).is_file() and (out / "diagnoses.csv").is_file()
+
+
 def test_tiny_synthetic_cohort_builds(tmp_path: Path) -> None:
     bc = load_pipeline("build_cohorts")
     out = tmp_path / "cohort"
@@ -224,3 +277,65 @@ def test_compare_script_on_a_constructed_batch(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("slide,diagnosis\nnope.tiff,NILM\n")
     assert cs.main([str(batch), "--diagnoses", str(bad)]) == 2
+
+
+def test_cells_by_truth_type_on_a_constructed_cohort(tmp_path: Path) -> None:
+    """Each detection is counted under the truth cell its centre lies in; flagged at the batch threshold."""
+    from wsi_screen.store import CellStoreWriter
+
+    cs = load_pipeline("compare_slide_scores")
+    batch, cohort = tmp_path / "batch", tmp_path / "cohort"
+    (cohort / "truth").mkdir(parents=True)
+    h = w = 400
+    cells = np.zeros((h, w), np.uint32)
+    cells[0:100, 0:100] = 1  # normal_columnar/a
+    cells[0:100, 200:300] = 2  # normal_intermediate/b
+    cells[200:300, 0:100] = 3  # hsil/c (only on the abnormal slide's detections)
+    background = np.zeros((h, w), np.uint32)
+    background[300:320, 300:320] = 1
+    names = np.array(["normal_columnar/a.bmp", "normal_intermediate/b.bmp", "hsil/c.png"])
+    # (x, y, predicted class): two flagged columnar detections, one NILM intermediate, one field
+    # nucleus, one outside everything; the abnormal slide has one HSIL detection in the HSIL cell.
+    layout = {
+        "n0": [
+            (50, 50, "HSIL"),
+            (60, 40, "LSIL"),
+            (250, 50, "NILM"),
+            (310, 310, "NILM"),
+            (390, 150, "ASC-US"),
+        ],
+        "a0": [(50, 250, "HSIL"), (250, 60, "NILM")],
+    }
+    attrs = {"config": {"output": {"flag_min_score": 0.5}}}
+    for sid, dets in layout.items():
+        (batch / sid).mkdir(parents=True)
+        xy = np.array([(x, y) for x, y, _ in dets], np.float64)
+        table = make_cells([c for *_, c in dets], p=0.9, xy=xy, size=(w, h))
+        path = batch / sid / "cells.zarr"
+        with CellStoreWriter(path, class_names=CLASSES, abnormal_classes=ABNORMAL, attrs=attrs) as wr:
+            wr.append(table)
+        np.savez_compressed(
+            cohort / "truth" / f"{sid}.truth.npz", cells=cells, background=background, names=names
+        )
+        (batch / sid / "summary.json").write_text(json.dumps({"slide": f"{sid}.tiff", "score": 0.5}))
+    csv = tmp_path / "d.csv"
+    csv.write_text("slide,diagnosis\nn0.tiff,NILM\na0.tiff,HSIL\n")
+    slides = cs.load_cohort_cells(batch, csv)
+    by = cs.cells_by_truth_type(batch, cohort, slides)
+    assert by["flag_threshold"] == 0.5
+    nilm = by["nilm_slides"]
+    assert set(nilm) == {"normal_columnar", "normal_intermediate", "lbc_field_nucleus", "unmatched"}
+    assert nilm["normal_columnar"]["n"] == 2 and nilm["normal_columnar"]["flagged"] == 1.0
+    assert nilm["normal_intermediate"]["flagged"] == 0.0 and nilm["lbc_field_nucleus"]["n"] == 1
+    assert nilm["unmatched"]["flagged"] == 1.0  # ASC-US at 0.9
+    abn = by["abnormal_slides"]  # HSIL 0.9 plus two abnormal classes at 0.025 each
+    assert abn["hsil"] == pytest.approx(
+        {"flagged": 1.0, "n": 1, "p99": 0.95, "p99.9": 0.95, "max": 0.95}, abs=1e-6
+    )
+    assert abn["normal_intermediate"]["flagged"] == 0.0
+    with pytest.raises(Exception, match="not found"):
+        cs.cells_by_truth_type(batch, tmp_path / "elsewhere", slides)
+    out = tmp_path / "s.json"
+    assert cs.main([str(batch), "--diagnoses", str(csv), "--cohort", str(cohort), "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["cells_by_truth_type"]["nilm_slides"]["normal_columnar"]["n"] == 2
+    assert cs.main([str(batch), "--diagnoses", str(csv), "--cohort", str(tmp_path / "elsewhere")]) == 2
