@@ -267,6 +267,11 @@ def _draw(rng: np.random.Generator, pool: Sequence[Any], n: int) -> list[Any]:
     return out
 
 
+def is_columnar(cell: Any) -> bool:
+    """A Herlev normal columnar (endocervical) cell, by its class folder."""
+    return str(cell.name).startswith(COLUMNAR_FOLDER)
+
+
 def draw_nilm(
     rng: np.random.Generator, nilm: Sequence[Any], n: int, columnar_share: float | None
 ) -> tuple[list[Any], int]:
@@ -275,11 +280,11 @@ def draw_nilm(
     ``columnar_share``: the share of columnar cells (rounded; none where the pool has none), the
     rest squamous; ``None`` draws from the whole pool, in its own proportions.
     """
-    columnar = [c for c in nilm if c.name.startswith(COLUMNAR_FOLDER)]
+    columnar = [c for c in nilm if is_columnar(c)]
     if columnar_share is None:
         cells = _draw(rng, nilm, n)
-        return cells, sum(c.name.startswith(COLUMNAR_FOLDER) for c in cells)
-    squamous = [c for c in nilm if not c.name.startswith(COLUMNAR_FOLDER)]
+        return cells, sum(map(is_columnar, cells))
+    squamous = [c for c in nilm if not is_columnar(c)]
     if not squamous:
         raise SystemExit("build_cohorts: the NILM pool has no squamous cells")
     n_col = round(columnar_share * n) if columnar else 0
@@ -400,7 +405,7 @@ def build_real(
         "mpp": SLIDE_MPP,
         "manifest": str(manifest),
         "pools": {k: len(v) for k, v in sorted(pools.items())},
-        "nilm_columnar_pool": sum(c.name.startswith(COLUMNAR_FOLDER) for c in nilm),
+        "nilm_columnar_pool": sum(map(is_columnar, nilm)),
         "columnar_share": columnar_share,
         "background_fields": len(backgrounds) if compositor == "paste" else 0,
     }

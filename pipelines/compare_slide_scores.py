@@ -213,6 +213,7 @@ def cells_by_truth_type(
     threshold (default: the batch's ``output.flag_min_score``). Per group and type: ``n`` detections,
     ``flagged`` share with abnormality score ≥ threshold, and the score tail.
     """
+    from wsi_screen.cells import abnormality_score
     from wsi_screen.errors import WsiScreenError
     from wsi_screen.evaluation import score_tail
     from wsi_screen.store import read_attrs, read_column
@@ -231,9 +232,8 @@ def cells_by_truth_type(
             threshold = float(read_attrs(store)["config"]["output"]["flag_min_score"])
         x = np.asarray(read_column(store, "x"), np.float64)
         y = np.asarray(read_column(store, "y"), np.float64)
-        names_cls = list(s["class_names"])
-        idx = [names_cls.index(c) for c in s["abnormal_classes"]]
-        score = np.clip(np.asarray(s["probs"], np.float64)[:, idx].sum(axis=1), 0.0, 1.0)
+        # the score the GeoJSON export flags by (float32, as in cells.zarr)
+        score = abnormality_score(np.asarray(s["probs"]), s["class_names"], s["abnormal_classes"])
         xi = np.clip(np.floor(x).astype(np.int64), 0, cells.shape[1] - 1)
         yi = np.clip(np.floor(y).astype(np.int64), 0, cells.shape[0] - 1)
         lab = cells[yi, xi].astype(np.int64)
