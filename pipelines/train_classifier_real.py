@@ -79,6 +79,16 @@ Stages (``--stages``, default all, in this order):
 ``compare`` (only when asked for)
     The binary AUROC of each of ``--variants`` after the first against the first, on the same val and
     test crops, with a paired bootstrap interval over cells. ``WORK/compare.json``.
+``head`` (only when asked for)
+    The score head (:mod:`wsi_screen.score_head`): the ``--head-base`` bundle's abnormality score
+    refitted by a logistic regression with the localizer's nucleus morphometrics of each crop
+    (``WORK/morph-<part>.npz``, written by ``crops``), for each feature set of :data:`HEAD_FEATURES`.
+    Fitted on the validation crops (the CNN has seen the training crops), with grouped
+    ``--head-folds``-fold cross-fitting for the validation figures and the threshold; the test crops
+    are scored once by the head refitted on all of validation. ``WORK/head.json``.
+``ship-head`` (only when asked for)
+    ``--head-base`` with the ``--ship-head`` head as the bundle ``--name`` (same weights; the head in
+    ``inference.score_head``; its cross-fitted validation threshold as ``thresholds.flag_score``).
 ``ship``
     Copies the ``--ship`` variant to ``wsi_screen/models/bundles/<--name>`` with its figures and its
     ``thresholds.flag_score`` (the validation threshold above), which ``run_slide`` uses as the
@@ -126,9 +136,13 @@ STAGES = (
     "cross-source",
     "tta",
     "compare",
+    "head",
+    "ship-head",
 )
 #: Stages run when ``--stages`` is not given (``ssl``, ``cross-source`` train extra models: asked for).
-DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ssl", "cross-source", "tta", "compare"))
+DEFAULT_STAGES = tuple(
+    s for s in STAGES if s not in ("ssl", "cross-source", "tta", "compare", "head", "ship-head")
+)
 #: The classes both sides of the cross-source table share (issue 14, item 3).
 CROSS_CLASSES = ["NILM", "LSIL", "HSIL"]
 #: The two sides of the cross-source table: what each holds, from the crops of every part.
@@ -284,9 +298,10 @@ def _localizer(args: argparse.Namespace) -> Any:
 
 
 def stage_crops(args: argparse.Namespace, work: Path) -> None:
+    from wsi_screen.cells import MORPHOMETRICS
     from wsi_screen.stain import DEFAULT_TARGET
     from wsi_screen.train.cell_slides import CellSlide, label_detections
-    from wsi_screen.train.data import CropSet, localizer_identity, pipeline_crops
+    from wsi_screen.train.data import CropSet, localizer_identity, pipeline_cells
 
     index = json.loads((work / "slides.json").read_text())
     loc, settings = _localizer(args)
@@ -295,11 +310,13 @@ def stage_crops(args: argparse.Namespace, work: Path) -> None:
         if dest.exists() and "crops" not in args.force:
             continue
         sets = []
+        morph: dict[str, list[np.ndarray]] = {name: [] for name in MORPHOMETRICS}
         stats: dict[str, int] = {"detections": 0, "unlabelled": 0, "kept": 0}
         for name in index[part]:
             path = work / "slides" / name
             t0 = time.perf_counter()
-            x, y, crops = pipeline_crops(path, localizer=loc, settings=settings, target=DEFAULT_TARGET)
+            cells, crops = pipeline_cells(path, localizer=loc, settings=settings, target=DEFAULT_TARGET)
+            x, y = cells.x, cells.y
             truth = CellSlide.load_truth(path.with_suffix(".truth.npz"))
             klass, source, cell = label_detections(x, y, truth)
             rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -318,6 +335,8 @@ def stage_crops(args: argparse.Namespace, work: Path) -> None:
             stats["unlabelled"] += sum(1 for k in klass if not k)
             stats["kept"] += len(keep)
             groups = [(truth.names[cell[i]] if cell[i] >= 0 else f"lbc_nuclei:{name}") for i in keep]
+            for key in MORPHOMETRICS:
+                morph[key].append(np.asarray(cells.morphometrics[key], np.float32)[keep])
             sets.append(
                 CropSet(
                     crops=crops[keep],
@@ -348,6 +367,11 @@ def stage_crops(args: argparse.Namespace, work: Path) -> None:
                 ),
                 "counts": stats,
             },
+        )
+        # The localizer's morphometrics of every kept crop, row by row (the score head's inputs).
+        np.savez_compressed(
+            work / f"morph-{part}.npz",
+            **{k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in morph.items()},
         )
         data.save(dest)
         logger.info("%s: %d crops %s", part, len(data), data.class_counts())
@@ -783,6 +807,126 @@ def stage_compare(args: argparse.Namespace, work: Path) -> None:
     _write_json(work / "compare.json", res)
 
 
+#: The score head's candidate inputs (morphometric, transform): nucleus size, stain and shape, and
+#: the cell around it where the localizer's ``cell`` channel measured one.
+HEAD_FEATURES: dict[str, list[tuple[str, str]]] = {
+    "nucleus": [
+        ("nucleus_area_um2", "log"),
+        ("nucleus_mean_od", "identity"),
+        ("nucleus_circularity", "identity"),
+        ("nucleus_eccentricity", "identity"),
+    ],
+    "nucleus+cell": [
+        ("nucleus_area_um2", "log"),
+        ("nucleus_mean_od", "identity"),
+        ("nucleus_circularity", "identity"),
+        ("nucleus_eccentricity", "identity"),
+        ("nc_ratio", "log"),
+        ("cell_area_um2", "log"),
+    ],
+    "area": [("nucleus_area_um2", "log"), ("nucleus_mean_od", "identity")],
+}
+
+
+def _group_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index of every crop, whole groups (cells, background fields) in one fold."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    fold_of = np.random.default_rng(seed).permutation(len(uniq)) % k
+    return np.asarray(fold_of[inv], np.int64)
+
+
+def _morph(work: Path, part: str) -> dict[str, np.ndarray]:
+    path = work / f"morph-{part}.npz"
+    if not path.is_file():
+        raise SystemExit(f"no {path}: rerun the crops stage (--stages crops --force crops)")
+    with np.load(path) as z:
+        return {k: np.asarray(z[k]) for k in z.files}
+
+
+def stage_head(args: argparse.Namespace, work: Path) -> None:
+    """The score head (:mod:`wsi_screen.score_head`): the base bundle's abnormality score refitted
+    with the localizer's nucleus morphometrics, for each feature set of :data:`HEAD_FEATURES`.
+
+    The CNN has seen the training crops, so its scores there are over-confident: the head is fitted on
+    the **validation** crops. Its validation figures come from grouped ``--head-folds``-fold
+    cross-fitting inside the validation part (each crop scored by a head that never saw its cell); the
+    threshold (validation sensitivity ≥ ``--val-sensitivity``) is chosen on those cross-fitted scores;
+    the head refitted on all of validation then scores the test crops once. ``WORK/head.json`` and
+    ``WORK/heads/<feature set>.json`` (the refitted heads)."""
+    from wsi_screen.score_head import fit_score_head
+
+    base = Path(args.head_base) if Path(args.head_base).is_dir() else BUNDLES / args.head_base
+    val, test = _load(work, "val"), _load(work, "test")
+    mv, mt = _morph(work, "val"), _morph(work, "test")
+    if len(next(iter(mv.values()))) != len(val) or len(next(iter(mt.values()))) != len(test):
+        raise SystemExit("the morphometrics do not match the crops: rerun --stages crops --force crops")
+    ab = [CLASSES.index(c) for c in ABNORMAL]
+    neg = [CLASSES.index(c) for c in NEGATIVE]
+    pv, pt = crop_probs(base, val), crop_probs(base, test)
+    fit_rows = np.flatnonzero(np.isin(val.labels, ab + neg))  # artifacts are neither
+    positive_v = np.isin(val.labels, ab)
+    folds = _group_folds(val.groups.astype(str), args.head_folds, args.seed)
+    res: dict[str, Any] = {
+        "base": str(base.name),
+        "fit": "validation crops (the CNN has seen the training crops)",
+        "folds": args.head_folds,
+        "l2": args.head_l2,
+        "rule": f"largest score with cross-fitted val sensitivity ≥ {args.val_sensitivity}",
+    }
+    score_v = pv[:, ab].sum(axis=1)
+    score_t = pt[:, ab].sum(axis=1)
+    t = threshold_for(score_v, positive_v, args.val_sensitivity)
+    res["cnn"] = {
+        "val": screening_figures(pv, val.labels, val.sources, val.groups, t),
+        "test": screening_figures(pt, test.labels, test.sources, test.groups, t),
+    }
+    heads_dir = work / "heads"
+    heads_dir.mkdir(exist_ok=True)
+    for name, spec in HEAD_FEATURES.items():
+        feats, trans = [f for f, _ in spec], [tr for _, tr in spec]
+
+        def fit(rows: np.ndarray, feats: list[str] = feats, trans: list[str] = trans) -> Any:
+            return fit_score_head(
+                score_v[rows],
+                {f: mv[f][rows] for f in feats},
+                positive_v[rows],
+                features=feats,
+                transforms=trans,
+                l2=args.head_l2,
+            )
+
+        cross = pv.copy()
+        for k in range(args.head_folds):
+            train_rows = fit_rows[folds[fit_rows] != k]
+            rows = np.flatnonzero(folds == k)
+            head = fit(train_rows)
+            cross[rows] = head.apply(pv[rows], ab, {f: mv[f][rows] for f in feats})
+        head = fit(fit_rows)
+        refit_t = head.apply(pt, ab, {f: mt[f] for f in feats})
+        cv_score = cross[:, ab].sum(axis=1)
+        th = threshold_for(cv_score, positive_v, args.val_sensitivity)
+        entry = {
+            "features": spec,
+            "head": head.to_dict(),
+            "val_crossfit": screening_figures(cross, val.labels, val.sources, val.groups, th),
+            "test": screening_figures(refit_t, test.labels, test.sources, test.groups, th),
+        }
+        entry.update(_auroc_gains((score_v, score_t), (cv_score, refit_t[:, ab].sum(axis=1)), val, test))
+        res[name] = entry
+        _write_json(heads_dir / f"{name}.json", {"head": head.to_dict(), "threshold": th})
+        logger.info(
+            "head %s: val AUROC gain %s, test %s; test sens %.3f spec %.3f (cnn %.3f / %.3f)",
+            name,
+            entry["val_auroc_gain"],
+            entry["test_auroc_gain"],
+            entry["test"]["sensitivity"]["value"],
+            entry["test"]["specificity"]["value"],
+            res["cnn"]["test"]["sensitivity"]["value"],
+            res["cnn"]["test"]["specificity"]["value"],
+        )
+    _write_json(work / "head.json", res)
+
+
 def stage_ablation(args: argparse.Namespace, work: Path) -> None:
     """Blank boxes: the same slide from HSIL-sized and ASC-US-sized crops must be the same pixels."""
     from wsi_screen.train.cell_slides import compose_cell_slide
@@ -879,6 +1023,58 @@ def stage_ship(args: argparse.Namespace, work: Path) -> None:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.train"))
     (dest / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     logger.info("shipped %s → %s", src, dest)
+
+
+def stage_ship_head(args: argparse.Namespace, work: Path) -> None:
+    """Ship ``--head-base`` with the ``--ship-head`` score head of the ``head`` stage as the bundle
+    ``--name``: the same weights, the head in ``inference.score_head`` (its inputs in
+    ``extra_features``) and the head's cross-fitted validation threshold as ``thresholds.flag_score``."""
+    from wsi_screen.models.bundle import CONFIG_NAME
+
+    if args.name == args.head_base:
+        raise SystemExit("ship-head: give the new bundle a --name of its own (not the --head-base)")
+    res = json.loads((work / "head.json").read_text())
+    if args.ship_head not in res:
+        raise SystemExit(f"ship-head: no head {args.ship_head!r} in {work / 'head.json'} (run --stages head)")
+    entry = res[args.ship_head]
+    base = Path(args.head_base) if Path(args.head_base).is_dir() else BUNDLES / args.head_base
+    cfg = json.loads((base / CONFIG_NAME).read_text())
+    head = entry["head"]
+    cfg["name"] = args.name
+    cfg["version"] = "2"
+    cfg["description"] = (
+        f"{cfg['name']}: the {res['base']} CNN with a score head (its abnormality score refitted with the "
+        f"localizer's nucleus measurements: {', '.join(head['features'])})"
+    )
+    cfg["extra_features"] = list(head["features"])
+    cfg["inference"] = {**cfg.get("inference", {}), "score_head": head}
+    cfg["thresholds"]["flag_score"] = round(entry["val_crossfit"]["threshold"], 6)
+    cfg["training"]["score_head"] = {
+        "base": res["base"],
+        "fit": res["fit"],
+        "features": entry["features"],
+        "l2": res["l2"],
+        "threshold_rule": res["rule"],
+        "command": (
+            "python pipelines/train_classifier_real.py --stages head ship-head "
+            f"--ship-head {args.ship_head} --name {args.name}"
+        ),
+    }
+    cfg["metrics"]["real_cells"] = {
+        "command": "python pipelines/train_classifier_real.py --stages head",
+        "threshold_rule": res["rule"],
+        "val": entry["val_crossfit"],
+        "test": entry["test"],
+        "val_auroc_gain_over_base": entry["val_auroc_gain"],
+        "test_auroc_gain_over_base": entry["test_auroc_gain"],
+    }
+    dest = BUNDLES / args.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copy2(base / "model.safetensors", dest / "model.safetensors")
+    (dest / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    logger.info("shipped %s + head %s → %s", base.name, args.ship_head, dest)
 
 
 def cross_source_side(data: Any, side: str) -> Any:
@@ -1128,6 +1324,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--ssl-epochs", type=int, default=12, help="ssl: SimCLR epochs over the train crops")
     p.add_argument("--ssl-minutes", type=float, default=None, help="ssl: stop after an epoch past this")
+    p.add_argument(
+        "--head-base",
+        default="cyto-real-v1",
+        help="head: the bundle (name or folder) whose score is refitted",
+    )
+    p.add_argument("--ship-head", default="nucleus", help="ship-head: the head (feature set) to ship")
+    p.add_argument("--head-folds", type=int, default=5, help="head: grouped cross-fitting folds on val")
+    p.add_argument("--head-l2", type=float, default=1.0, help="head: L2 penalty of the logistic regression")
     p.add_argument("--arch", default="mobilenetv3_small_100")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--samples-per-epoch", type=int, default=None)

@@ -159,7 +159,17 @@ def test_train_classifier_strong_augment_is_recorded(
 def test_evaluate_names_the_folder_and_honours_ignore_and_null(
     crops_with_masks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = ["evaluate", "--model", "cyto-synth-v1", "--data", str(crops_with_masks), "--mpp", "0.25"]
+    base = [
+        "evaluate",
+        "--model",
+        "cyto-synth-v1",
+        "--data",
+        str(crops_with_masks),
+        "--mpp",
+        "0.25",
+        "--cut",
+        "crop",
+    ]
     code, _, err = _main([*base, "--device", "cpu", "-q"], capsys)
     assert code == 1
     _assert_names_masks(_one_line_error(err))

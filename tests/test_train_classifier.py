@@ -511,6 +511,8 @@ def test_evaluate_cli_writes_metrics_and_handles_absent_classes(
             str(data),
             "--mpp",
             "0.25",
+            "--cut",
+            "crop",
             "-o",
             str(out),
         ],
@@ -525,7 +527,8 @@ def test_evaluate_cli_writes_metrics_and_handles_absent_classes(
     for p in sorted((data / "HSIL").iterdir())[:5]:
         (only / "HSIL" / p.name).write_bytes(p.read_bytes())
     res = _invoke(
-        ["evaluate", "--model", str(bundle), "--data", str(only), "--mpp", "0.25", "--json"], capsys
+        ["evaluate", "--model", str(bundle), "--data", str(only), "--mpp", "0.25", "--cut", "crop", "--json"],
+        capsys,
     )
     m = json.loads(res)
     assert (
@@ -542,6 +545,8 @@ def test_evaluate_cli_writes_metrics_and_handles_absent_classes(
             str(only),
             "--mpp",
             "0.25",
+            "--cut",
+            "crop",
             "--classes",
             "all",
             "--json",
@@ -553,8 +558,10 @@ def test_evaluate_cli_writes_metrics_and_handles_absent_classes(
     # A data class the bundle does not know is refused.
     (only / "LSIL").mkdir()
     (only / "LSIL" / "x.png").write_bytes(next((data / "HSIL").iterdir()).read_bytes())
-    code, _, err = _main(["evaluate", "--model", str(bundle), "--data", str(only), "--mpp", "0.25"], capsys)
-    assert code == 1 and "does not predict" in err and "map them with a class_map (--class-map)" in err
+    for cut in ("crop", "pipeline"):  # pipeline: refused before any slide is screened
+        args = ["evaluate", "--model", str(bundle), "--data", str(only), "--mpp", "0.25", "--cut", cut]
+        code, _, err = _main(args, capsys)
+        assert code == 1 and "does not predict" in err and "map them with a class_map (--class-map)" in err
 
 
 def test_truth_as_qupath_export_round_trips(tmp_path: Path) -> None:
@@ -755,7 +762,8 @@ def test_source_balance_gives_every_source_of_a_class_the_same_share() -> None:
 
     labels = np.array([0] * 10 + [1] * 4 + [2] * 3)
     sources = np.array(
-        ["lbc_nuclei"] * 8 + ["herlev"] * 2  # NILM: 8 field nuclei, 2 Herlev cells
+        ["lbc_nuclei"] * 8
+        + ["herlev"] * 2  # NILM: 8 field nuclei, 2 Herlev cells
         + ["herlev", "lbc_cells", "lbc_cells", "synth-1#4:HSIL"]  # HSIL: three families
         + ["lbc_cells"] * 3  # organism: one family
     )

@@ -114,3 +114,17 @@ def test_ablation_variants_are_trainable_first_stages() -> None:
     assert all(is_architecture(a) for a in tcr.VARIANT_ARCH.values())
     assert not is_architecture("runicnet-none")
     assert "scratch" not in tcr.NATURAL_DRAW_VARIANTS and "scratch" not in tcr.VARIANT_ARCH
+
+
+def test_head_folds_keep_groups_together_and_head_features_are_known() -> None:
+    from wsi_screen.cells import MORPHOMETRICS
+    from wsi_screen.score_head import TRANSFORMS
+
+    groups = np.array(["a", "a", "b", "c", "c", "c", "d", "e", "f", "f"])
+    folds = tcr._group_folds(groups, 3, seed=0)
+    for g in set(groups.tolist()):
+        assert len(set(folds[groups == g].tolist())) == 1  # a cell's detections share a fold
+    assert set(folds.tolist()) == {0, 1, 2}  # six groups over three folds: none empty
+    for spec in tcr.HEAD_FEATURES.values():
+        assert all(f in MORPHOMETRICS and t in TRANSFORMS for f, t in spec)
+    assert "head" in tcr.STAGES and "head" not in tcr.DEFAULT_STAGES

@@ -15,7 +15,7 @@ Classifier input representations (``bundle.input_representation``, :data:`REPRES
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from wsi_screen.errors import BundleError
 from wsi_screen.runtime import autocast_context
+from wsi_screen.score_head import ScoreHead
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +37,7 @@ __all__ = [
     "cut_crops",
     "cut_mask_crops",
     "nucleus_mask",
+    "score_head_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -216,6 +218,8 @@ class CellClassifier:
                     f"({len(cfg.mean)} mean values)"
                 )
         self.bundles = list(bundles)
+        #: Each bundle's score head (``inference.score_head``), or None (see :mod:`wsi_screen.score_head`).
+        self.heads: list[ScoreHead | None] = [score_head_of(b) for b in self.bundles]
         self.device = device
         self.batch_size = int(batch_size)
         self.pad_batches = device.type == "cuda" if pad_batches is None else bool(pad_batches)
@@ -243,14 +247,28 @@ class CellClassifier:
         return [b.name for b in self.bundles]
 
     @property
+    def morphometrics(self) -> tuple[str, ...]:
+        """The morphometrics :meth:`predict` needs (the score heads' inputs; empty without a head)."""
+        names: list[str] = []
+        for head in self.heads:
+            for f in head.features if head is not None else ():
+                if f not in names:
+                    names.append(f)
+        return tuple(names)
+
+    @property
     def needs_mask(self) -> bool:
         """Whether the crops must carry the nucleus-mask channel (``rgb+mask`` bundles)."""
         return self.input_representation == MASK_REPRESENTATION
 
-    def predict(self, crops: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, crops: torch.Tensor, *, morphometrics: Mapping[str, NDArray[Any]] | None = None
+    ) -> torch.Tensor:
         """Class probabilities (N, K) float32 for uint8 channels-last crops (N, H, W, C).
 
         C is :attr:`in_channels`: 3 (RGB) or 4 (RGB + nucleus mask, :attr:`needs_mask`).
+        ``morphometrics``: the localizer's measurements of the N cells (:data:`~wsi_screen.cells.
+        MORPHOMETRICS` columns), needed when a bundle has a score head (:attr:`morphometrics`).
         """
         import torch
 
@@ -263,6 +281,15 @@ class CellClassifier:
         out = torch.zeros((n, len(self.class_names)), dtype=torch.float32, device=self.device)
         if n == 0:
             return out
+        needed = self.morphometrics
+        if needed:
+            missing = [f for f in needed if morphometrics is None or f not in morphometrics]
+            if missing:
+                raise ValueError(
+                    f"{' + '.join(self.names)} has a score head that needs the cells' morphometrics "
+                    f"{', '.join(missing)}; classify cells found by a localizer (run_slide) or pass them"
+                )
+        abnormal_index = [self.class_names.index(c) for c in self.abnormal_classes]
         with torch.inference_mode(), autocast_context(self.device, cpu_bf16=self.cpu_bf16):
             for start in range(0, n, self.batch_size):
                 chunk = crops[start : start + self.batch_size].to(self.device, non_blocking=True)
@@ -274,10 +301,36 @@ class CellClassifier:
                 if self.device.type != "mps":
                     x = x.contiguous(memory_format=torch.channels_last)
                 acc = torch.zeros((x.shape[0], len(self.class_names)), device=self.device)
-                for view in TTA_VIEWS[self.tta]:
-                    xv = _dihedral(x, view)
-                    for model, (mean, std) in zip(self._models, self._norm, strict=True):
-                        logits = model((xv - mean) / std)
-                        acc += torch.softmax(logits.float(), dim=1)
+                for model, (mean, std), head in zip(self._models, self._norm, self.heads, strict=True):
+                    member = torch.zeros_like(acc)
+                    for view in TTA_VIEWS[self.tta]:
+                        logits = model((_dihedral(x, view) - mean) / std)
+                        member += torch.softmax(logits.float(), dim=1)
+                    if head is not None and morphometrics is not None:
+                        rows = {f: np.asarray(morphometrics[f])[start : start + m] for f in head.features}
+                        refit = head.apply((member[:m] / self.tta).cpu().numpy(), abnormal_index, rows)
+                        member = torch.zeros_like(member)
+                        member[:m] = torch.from_numpy(refit).to(self.device) * self.tta
+                    acc += member
                 out[start : start + m] = (acc / (len(self._models) * self.tta))[:m]
         return out
+
+
+def score_head_of(bundle: ModelBundle) -> ScoreHead | None:
+    """The bundle's score head (``inference.score_head``), validated against ``extra_features``."""
+    cfg = bundle.config
+    spec = cfg.inference.get("score_head")
+    if spec is None:
+        return None
+    try:
+        head = ScoreHead.from_dict(spec)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"bundle {cfg.name}: invalid inference.score_head: {exc}") from None
+    if list(head.features) != list(cfg.extra_features):
+        raise BundleError(
+            f"bundle {cfg.name}: inference.score_head uses {list(head.features)} but extra_features "
+            f"lists {list(cfg.extra_features)}; they must agree"
+        )
+    if not cfg.abnormal_classes or set(cfg.abnormal_classes) == set(cfg.class_names):
+        raise BundleError(f"bundle {cfg.name}: a score head needs abnormal and other classes")
+    return head

@@ -242,7 +242,13 @@ class TileProcessor:
         timings["crop"] = t3 - t2
         if self.classifier is not None:
             with record_function("wsi_screen.classify"):
-                probs = self.classifier.predict(crops).float().cpu().numpy()
+                morph = {
+                    f: np.concatenate([t.morphometrics[f] for t in tables])
+                    if tables
+                    else np.zeros(0, np.float32)
+                    for f in self.classifier.morphometrics
+                }
+                probs = self.classifier.predict(crops, morphometrics=morph).float().cpu().numpy()
             start = 0
             for i, t in enumerate(tables):
                 tables[i] = t.with_probs(probs[start : start + len(t)])

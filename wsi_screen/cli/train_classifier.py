@@ -112,7 +112,7 @@ def data_options(func: F) -> F:
             "--localizer",
             default=None,
             metavar="BUNDLE",
-            help="Localization bundle for --synthetic (default: the settings', nuclei-unet-v1).",
+            help="Localization bundle for --synthetic (default: the settings' localization.model).",
         ),
         click.option(
             "--stain",

@@ -145,6 +145,18 @@ class ModelBundle:
         return self.config.sha256
 
     @property
+    def identity_sha256(self) -> str:
+        """The sha256 that names what the model computes (``run.json``, ``cells.zarr``, operating
+        points): the weights' sha256, or for a bundle with a score head (``inference.score_head``)
+        the sha256 of the weights' sha256 followed by the head's canonical JSON, since the same
+        weights with another head give other scores."""
+        head = self.config.inference.get("score_head")
+        if head is None:
+            return self.sha256
+        text = self.sha256 + json.dumps(head, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_NAME
 

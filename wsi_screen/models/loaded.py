@@ -103,7 +103,12 @@ class Models:
             }
         ]
         out += [
-            {"task": "classification", "name": b.name, "version": b.config.version, "sha256": b.sha256}
+            {
+                "task": "classification",
+                "name": b.name,
+                "version": b.config.version,
+                "sha256": b.identity_sha256,
+            }
             for b in self.classifier.bundles
         ]
         return out
@@ -149,7 +154,7 @@ def load_models(settings: Settings, *, device: torch.device | None = None) -> Mo
     cls_bundles = [load_bundle(m, task="classification") for m in settings.classification.models]
     settings.operating_point.check_models(  # a calibrated preset holds for its models only
         [{"task": "localization", "name": loc_bundle.name, "sha256": loc_bundle.sha256}]
-        + [{"task": "classification", "name": b.name, "sha256": b.sha256} for b in cls_bundles]
+        + [{"task": "classification", "name": b.name, "sha256": b.identity_sha256} for b in cls_bundles]
     )
     bf16 = settings.runtime.cpu_bf16
     localizer = Localizer(loc_bundle, settings=settings.localization, device=dev, cpu_bf16=bf16)

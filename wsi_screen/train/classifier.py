@@ -39,6 +39,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,8 +58,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from wsi_screen.classify import CellClassifier
     from wsi_screen.models.bundle import ModelBundle
     from wsi_screen.stain import ReinhardStats
+    from wsi_screen.train.pasted import ScreenedCells
 
 __all__ = [
     "DEFAULT_ARCH",
@@ -66,6 +69,7 @@ __all__ = [
     "TrainResult",
     "evaluate_bundles",
     "evaluate_crops",
+    "pool_absent_classes",
     "predict_crops",
     "source_balance_factors",
     "source_family",
@@ -421,7 +425,9 @@ def evaluate_crops(
         probs,
         list(class_names),
         list(abnormal_classes),
-        normal_class="NILM" if "NILM" in class_names else class_names[0],
+        normal_class="NILM"
+        if "NILM" in class_names
+        else next((c for c in class_names if c not in abnormal_classes), class_names[0]),
         hsil_class="HSIL",
     )
 
@@ -955,32 +961,186 @@ def copy_config(cfg: TrainConfig, **changes: Any) -> TrainConfig:
 
 def evaluate_bundles(
     bundles: Sequence[str | os.PathLike[str]],
-    data: CropSet,
+    data: CropSet | None,
     *,
-    classes: Literal["present", "all"] = "present",
+    cells: Sequence[ScreenedCells] = (),
+    classes: Literal["pooled", "present", "all"] = "pooled",
     device: str = "auto",
     batch_size: int = 128,
 ) -> dict[str, Any]:
-    """Screening metrics of one bundle or an ensemble (probabilities averaged) on labelled crops.
+    """Screening metrics of one bundle or an ensemble (probabilities averaged) on labelled crops
+    (``data``) and on labelled cells already screened through the pipeline (``cells``,
+    :func:`wsi_screen.train.pasted.screen_cells` with the same bundles), pooled.
 
-    Every class of the data must be a class of the bundle(s). With ``classes="present"`` (default) the
-    metrics are computed over the classes present in the data: the probability columns of the other
-    bundle classes are dropped and each row renormalized, so the prediction is the most probable
-    *present* class (Herlev has no ASC-US or artifact: a Herlev cell is then never called ASC-US); how
-    many cells the full arg-max would have put into an absent class is reported in
+    Every class of the data must be a class of the bundle(s). With ``classes="pooled"`` (default) the
+    metrics are computed over the classes present in the data, each absent bundle class's probability
+    added to a present class (:func:`pool_absent_classes`: Herlev has no ASC-US, ASC-H, SCC, AGC,
+    organism or artifact: ASC-US counts as LSIL, ASC-H, SCC and AGC as HSIL, organism and artifact as
+    NILM), so the summed abnormal probability — the score screening flags and triages by — is the
+    bundle's own. ``"present"`` drops the absent classes' columns and renormalizes each row instead
+    (the screening score then changes: a NILM cell called ``organism`` counts by its leftover
+    classes). How many cells the full arg-max would have put into an absent class is reported in
     ``evaluation.predicted_as_absent``. With ``classes="all"`` every bundle class is kept (a call into
     an absent class counts as an error).
     """
-    import torch
-
-    from wsi_screen.classify import CellClassifier
     from wsi_screen.models.bundle import load_bundle
-    from wsi_screen.runtime import resolve_device
 
     loaded = [load_bundle(b, task="classification") for b in bundles]
+    probs_parts: list[NDArray[np.float32]] = []
+    truth_names: list[str] = []
+    described: list[dict[str, Any]] = []
+    names_all: list[str] = []
+    abnormal_all: list[str] = []
+    if data is not None and len(data):
+        clf = _crop_classifier(loaded, data, device=device, batch_size=batch_size)
+        names_all, abnormal_all = list(clf.class_names), list(clf.abnormal_classes)
+        probs_parts.append(_crop_probs(clf, data))
+        truth_names += [data.class_names[i] for i in data.labels.tolist()]
+        described.append(data.describe())
+    for part in cells:
+        if names_all and part.class_names != names_all:
+            raise DataError(f"screened cells in classes {part.class_names}, the bundles' are {names_all}")
+        names_all = list(part.class_names)
+        probs_parts.append(part.probs)
+        truth_names += list(part.labels)
+        described.append(
+            {
+                **part.info,
+                "n": len(part),
+                "classes": dict(Counter(part.labels)),
+                "detected_by_class": {
+                    c: int(part.detected[[t == c for t in part.labels]].sum())
+                    for c in sorted(set(part.labels))
+                },
+            }
+        )
+    if not probs_parts:
+        raise DataError("nothing to evaluate: no crops and no screened cells")
+    if not abnormal_all:
+        abnormal_all = list(loaded[0].config.abnormal_classes)
+    unknown = sorted({t for t in truth_names if t not in names_all})
+    if unknown:
+        raise DataError(
+            f"the data has classes {unknown} that {loaded[0].config.name} does not predict "
+            f"({', '.join(names_all)}); map them with a class_map"
+        )
+    probs_all = np.concatenate(probs_parts).astype(np.float32)
+    present = [c for c in names_all if c in set(truth_names)]
+    absent = [c for c in names_all if c not in present]
+    pred_all = np.argmax(probs_all, axis=1)
+    predicted_as_absent: dict[str, dict[str, int]] = {}
+    for t, p in zip(truth_names, pred_all.tolist(), strict=True):
+        if names_all[p] in absent:
+            row = predicted_as_absent.setdefault(t, {})
+            row[names_all[p]] = row.get(names_all[p], 0) + 1
+    pooled_into: dict[str, str] = {}
+    if classes == "pooled":
+        names = [c for c in names_all if c in present]
+        pooled_into = pool_absent_classes(names_all, present, abnormal_all)
+        probs = np.zeros((len(probs_all), len(names)), np.float64)
+        for k, c in enumerate(names_all):
+            into = c if c in names else pooled_into.get(c)
+            if into is not None:
+                probs[:, names.index(into)] += probs_all[:, k]
+        sums = probs.sum(axis=1, keepdims=True)
+        probs = np.where(sums > 0, probs / np.maximum(sums, 1e-12), 1.0 / len(names))
+    elif classes == "present":
+        names = [c for c in names_all if c in present]
+        cols = [names_all.index(c) for c in names]
+        probs = probs_all[:, cols].astype(np.float64)
+        sums = probs.sum(axis=1, keepdims=True)
+        probs = np.where(sums > 0, probs / np.maximum(sums, 1e-12), 1.0 / len(names))
+    else:
+        names = list(names_all)
+        probs = probs_all.astype(np.float64)
+    y = np.array([names.index(t) for t in truth_names], np.int64)
+    abnormal = [c for c in abnormal_all if c in names]
+    metrics = evaluate_crops(probs, y, names, abnormal)
+    metrics["evaluation"] = {
+        "models": [{"name": b.name, "sha256": b.identity_sha256, "path": str(b.path)} for b in loaded],
+        "ensemble": len(loaded) > 1,
+        "class_mode": classes,
+        "bundle_classes": list(names_all),
+        "absent_classes": absent,
+        "rule": {
+            "pooled": "metrics over the classes present in the data: each absent bundle class's probability "
+            "added to a present class (pooled_into: an abnormal class into a present abnormal class of its "
+            "triage group, else the most severe present one; any other into the present negative class), so "
+            "the summed abnormal probability, the screening score, is the bundle's own",
+            "present": "metrics over the classes present in the data: probabilities of absent bundle classes "
+            "dropped, rows renormalized",
+            "all": "metrics over every bundle class",
+        }[classes],
+        "pooled_into": pooled_into,
+        "n_predicted_as_absent": int(sum(sum(r.values()) for r in predicted_as_absent.values())),
+        "predicted_as_absent": predicted_as_absent,
+        "data": described[0] if len(described) == 1 else {"parts": described},
+    }
+    if cells:
+        det = np.concatenate([c.detected for c in cells])
+        metrics["evaluation"]["screened_cells"] = {
+            "n": len(det),
+            "detected": int(det.sum()),
+            "rule": "cells pasted into slides and cut by the pipeline; a cell's probabilities are those of "
+            "its most abnormal detection; an undetected cell counts as a negative call",
+        }
+    return metrics
+
+
+#: Triage groups of the abnormal classes (``triage.review_categories`` / ``priority_categories``),
+#: least to most severe: an absent abnormal class is pooled into a present class of its group.
+POOL_GROUPS: tuple[tuple[str, ...], ...] = (("ASC-US", "LSIL"), ("ASC-H", "AGC", "HSIL", "SCC"))
+
+
+def pool_absent_classes(
+    class_names: Sequence[str], present: Sequence[str], abnormal: Sequence[str]
+) -> dict[str, str]:
+    """Where each bundle class absent from the data is counted (``evaluate_bundles(classes="pooled")``).
+
+    An absent abnormal class goes to the most severe present abnormal class of its triage group
+    (:data:`POOL_GROUPS`), else to the most severe present abnormal class; an absent class that is not
+    abnormal (organism, endocervical, artifact) goes to NILM when present, else to the first present
+    class that is not abnormal. A class with nowhere to go (no present class of its kind) is left out.
+    """
+    order = [c for group in POOL_GROUPS for c in group]
+
+    def severity(c: str) -> int:
+        return order.index(c) if c in order else -1
+
+    present_abn = sorted((c for c in present if c in abnormal), key=severity)
+    present_neg = [c for c in present if c not in abnormal]
+    neg_target = "NILM" if "NILM" in present_neg else (present_neg[0] if present_neg else None)
+    out: dict[str, str] = {}
+    for c in class_names:
+        if c in present:
+            continue
+        if c in abnormal:
+            group = next((g for g in POOL_GROUPS if c in g), ())
+            same = [p for p in present_abn if p in group]
+            target = same[-1] if same else (present_abn[-1] if present_abn else None)
+        else:
+            target = neg_target
+        if target is not None:
+            out[c] = target
+    return out
+
+
+def _crop_classifier(
+    loaded: Sequence[ModelBundle], data: CropSet, *, device: str, batch_size: int
+) -> CellClassifier:
+    """The classifier for ``data``, after checking that the crops fit it (one line each)."""
+    from wsi_screen.classify import CellClassifier
+    from wsi_screen.runtime import resolve_device
+
     dev = resolve_device(device, setting="device")
     clf = CellClassifier(loaded, device=dev, batch_size=batch_size)
     cfg = loaded[0].config
+    if clf.morphometrics:
+        raise DataError(
+            f"{' + '.join(clf.names)} has a score head that needs the localizer's nucleus measurements "
+            f"({', '.join(clf.morphometrics)}), which crops alone do not carry; evaluate crop folders "
+            "with cut='pipeline' (wsi-screen evaluate --cut pipeline) or screen slides of the cells"
+        )
     if data.size != clf.input_size or not math.isclose(data.mpp, clf.mpp, rel_tol=1e-3):
         raise DataError(
             f"the crops are {data.size} px at {data.mpp} µm/px; {cfg.name} needs {clf.input_size} px at "
@@ -998,45 +1158,14 @@ def evaluate_bundles(
             f"the data has classes {unknown} that {cfg.name} does not predict "
             f"({', '.join(clf.class_names)}); map them with a class_map"
         )
+    return clf
+
+
+def _crop_probs(clf: CellClassifier, data: CropSet) -> NDArray[np.float32]:
+    import torch
+
     probs_all = np.zeros((len(data), len(clf.class_names)), np.float32)
     for start in range(0, len(data), 1024):
         chunk = torch.from_numpy(np.ascontiguousarray(data.crops[start : start + 1024]))
         probs_all[start : start + len(chunk)] = clf.predict(chunk).cpu().numpy()
-    names_all = clf.class_names
-    truth_names = [data.class_names[i] for i in data.labels.tolist()]
-    absent = [c for c in names_all if c not in present]
-    pred_all = np.argmax(probs_all, axis=1)
-    predicted_as_absent: dict[str, dict[str, int]] = {}
-    for t, p in zip(truth_names, pred_all.tolist(), strict=True):
-        if names_all[p] in absent:
-            row = predicted_as_absent.setdefault(t, {})
-            row[names_all[p]] = row.get(names_all[p], 0) + 1
-    if classes == "present":
-        names = [c for c in names_all if c in present]
-        cols = [names_all.index(c) for c in names]
-        probs = probs_all[:, cols].astype(np.float64)
-        sums = probs.sum(axis=1, keepdims=True)
-        probs = np.where(sums > 0, probs / np.maximum(sums, 1e-12), 1.0 / len(names))
-    else:
-        names = list(names_all)
-        probs = probs_all.astype(np.float64)
-    y = np.array([names.index(t) for t in truth_names], np.int64)
-    abnormal = [c for c in clf.abnormal_classes if c in names]
-    metrics = evaluate_crops(probs, y, names, abnormal)
-    metrics["evaluation"] = {
-        "models": [{"name": b.name, "sha256": b.sha256, "path": str(b.path)} for b in loaded],
-        "ensemble": len(loaded) > 1,
-        "class_mode": classes,
-        "bundle_classes": list(names_all),
-        "absent_classes": absent,
-        "rule": (
-            "metrics over the classes present in the data: probabilities of absent bundle classes dropped, "
-            "rows renormalized"
-            if classes == "present"
-            else "metrics over every bundle class"
-        ),
-        "n_predicted_as_absent": int(sum(sum(r.values()) for r in predicted_as_absent.values())),
-        "predicted_as_absent": predicted_as_absent,
-        "data": data.describe(),
-    }
-    return metrics
+    return probs_all

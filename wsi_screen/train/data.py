@@ -64,6 +64,7 @@ from wsi_screen.progress import progress_iter
 if TYPE_CHECKING:
     import torch
 
+    from wsi_screen.cells import CellTable
     from wsi_screen.config import Settings
     from wsi_screen.localize import Localizer
     from wsi_screen.stain import ReinhardStats
@@ -74,6 +75,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "STAIN_MODES",
     "Annotation",
+    "CropFolderListing",
     "CropSet",
     "DataError",
     "SyntheticSlideSpec",
@@ -86,11 +88,13 @@ __all__ = [
     "fit_to_size",
     "glass_colour",
     "list_class_maps",
+    "list_crop_folder",
     "load_class_map",
     "load_crop_folder",
     "load_crops",
     "match_detections",
     "order_classes",
+    "pipeline_cells",
     "pipeline_crops",
     "prepare_crops",
     "read_qupath_geojson",
@@ -690,42 +694,30 @@ def _ignored(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(low, pat.lower()) for pat in patterns)
 
 
-def load_crop_folder(
+@dataclass(frozen=True)
+class CropFolderListing:
+    """The labelled images of a crop folder: ``files`` (path, bundle class) and each file's group."""
+
+    root: Path
+    files: list[tuple[Path, str]]
+    groups: list[str]
+    class_map: Mapping[str, str | None] | None
+    ignored: list[str]
+    groups_from: Literal["manifest.csv", "file"]
+
+
+def list_crop_folder(
     root: str | os.PathLike[str],
     *,
-    mpp: float,
     class_map: Mapping[str, str | None] | str | None = None,
     classes: Sequence[str] | None = None,
-    target_mpp: float = 0.25,
-    size: int = 224,
-    stain_target: ReinhardStats | None = None,
-    stain: StainMode = "group",
-    progress: bool = True,
     ignore: Sequence[str] = (),
-) -> CropSet:
-    """Read a folder of labelled crops (one sub-folder per class, searched recursively).
-
-    Args:
-        root: the folder; an optional ``manifest.csv`` gives groups (see the module docstring).
-        mpp: µm/px of the crops (Herlev: 0.201).
-        class_map: sub-folder name → bundle class (a mapping, a preset name or a file); without one the
-            sub-folder names must be class names (``classes``, default the five Bethesda classes). A
-            sub-folder mapped to None (``null`` in a file) is skipped.
-        classes: the allowed bundle classes (None: any mapped class).
-        ignore: glob patterns of folders to skip (e.g. ``masks``), matched without regard
-            to case against the name of every folder under ``root`` (class folders and the folders
-            inside them).
-        target_mpp, size: the bundle's µm/px and input size.
-        stain_target: Reinhard target (None: :data:`wsi_screen.stain.DEFAULT_TARGET`); ``stain`` the
-            source-statistics mode (:data:`STAIN_MODES`).
-    """
-    from wsi_screen.stain import DEFAULT_TARGET
-
+) -> CropFolderListing:
+    """The images of a crop folder and their classes and groups, read by nothing yet (the rules of
+    :func:`load_crop_folder`: one sub-folder per class, searched recursively; ``manifest.csv`` groups)."""
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"crop folder not found: {base}")
-    if mpp is None or mpp <= 0:
-        raise DataError(f"{base}: give the crops' µm/px (mpp, e.g. 0.201 for Herlev)")
     cmap = load_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
     resolve = _ClassResolver(cmap, classes)
     manifest = _read_manifest(base)
@@ -770,6 +762,54 @@ def load_crop_folder(
     for p, _ in files:
         rel = p.relative_to(base).as_posix()
         groups.append(manifest.get(rel) or manifest.get(p.name) or rel)
+    return CropFolderListing(
+        root=base,
+        files=files,
+        groups=groups,
+        class_map=cmap,
+        ignored=sorted(ignored),
+        groups_from="manifest.csv" if manifest else "file",
+    )
+
+
+def load_crop_folder(
+    root: str | os.PathLike[str],
+    *,
+    mpp: float,
+    class_map: Mapping[str, str | None] | str | None = None,
+    classes: Sequence[str] | None = None,
+    target_mpp: float = 0.25,
+    size: int = 224,
+    stain_target: ReinhardStats | None = None,
+    stain: StainMode = "group",
+    progress: bool = True,
+    ignore: Sequence[str] = (),
+) -> CropSet:
+    """Read a folder of labelled crops (one sub-folder per class, searched recursively).
+
+    Args:
+        root: the folder; an optional ``manifest.csv`` gives groups (see the module docstring).
+        mpp: µm/px of the crops (Herlev: 0.201).
+        class_map: sub-folder name → bundle class (a mapping, a preset name or a file); without one the
+            sub-folder names must be class names (``classes``, default the five Bethesda classes). A
+            sub-folder mapped to None (``null`` in a file) is skipped.
+        classes: the allowed bundle classes (None: any mapped class).
+        ignore: glob patterns of folders to skip (e.g. ``masks``), matched without regard
+            to case against the name of every folder under ``root`` (class folders and the folders
+            inside them).
+        target_mpp, size: the bundle's µm/px and input size.
+        stain_target: Reinhard target (None: :data:`wsi_screen.stain.DEFAULT_TARGET`); ``stain`` the
+            source-statistics mode (:data:`STAIN_MODES`).
+    """
+    from wsi_screen.stain import DEFAULT_TARGET
+
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"crop folder not found: {base}")
+    if mpp is None or mpp <= 0:
+        raise DataError(f"{base}: give the crops' µm/px (mpp, e.g. 0.201 for Herlev)")
+    listing = list_crop_folder(base, class_map=class_map, classes=classes, ignore=ignore)
+    files, groups, cmap, ignored = listing.files, listing.groups, listing.class_map, listing.ignored
     images_list = []
     for p, _ in progress_iter(files, enabled=progress, desc="reading crops", unit="crops"):
         images_list.append(_read_image(p))
@@ -791,8 +831,8 @@ def load_crop_folder(
         "source_mpp": mpp,
         "class_map": cmap if cmap is None else {k: v for k, v in cmap.items()},
         "folders": dict(Counter(p.relative_to(base).parts[0] for p, _ in files)),
-        "ignored": sorted(ignored),
-        "groups_from": "manifest.csv" if manifest else "file",
+        "ignored": ignored,
+        "groups_from": listing.groups_from,
         "stain": stain,
         "stain_target": None if stain == "none" else target_stats.to_dict(),
         "padding": "centre-crop, or pad with the crop's (else its group's) glass colour before Reinhard",
@@ -1247,7 +1287,34 @@ def _run_device_stage(
     device: torch.device,
     mask_channel: bool = False,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
-    """Every cell the pipeline would classify on a slide: level-0 (x, y) and its crop.
+    """Every cell the pipeline would classify on a slide: level-0 (x, y) and its crop
+    (:func:`_device_stage_cells` without the cell table)."""
+    cells, crops = _device_stage_cells(
+        slide_path,
+        localizer=localizer,
+        settings=settings,
+        mpp=mpp,
+        size=size,
+        target=target,
+        device=device,
+        mask_channel=mask_channel,
+    )
+    return np.asarray(cells.x, np.float64), np.asarray(cells.y, np.float64), crops
+
+
+def _device_stage_cells(
+    slide_path: Path,
+    *,
+    localizer: Localizer,
+    settings: Settings,
+    mpp: float,
+    size: int,
+    target: ReinhardStats | None,
+    device: torch.device,
+    mask_channel: bool = False,
+) -> tuple[CellTable, NDArray[np.uint8]]:
+    """Every cell the pipeline would classify on a slide: its row of the cell table (level-0
+    centre, outline, morphometrics) and its crop.
 
     The slide is prepared (:func:`~wsi_screen.pipeline.prepare_slide`) and its tiles screened by
     :func:`~wsi_screen.tile_loop.run_tiles` as in :func:`~wsi_screen.pipeline.run_slide`, without a
@@ -1295,12 +1362,12 @@ def _run_device_stage(
             slide, prepared.grid, proc, settings=settings, class_names=(), on_batch=keep_crops
         ).cells
     if not len(cells):
-        return np.zeros(0), np.zeros(0), np.zeros((0, size, size, 4 if mask_channel else 3), np.uint8)
+        return cells, np.zeros((0, size, size, 4 if mask_channel else 3), np.uint8)
     crops = [
         held[(int(t), float(a), float(b))]
         for t, a, b in zip(cells.tile.tolist(), cells.x.tolist(), cells.y.tolist(), strict=True)
     ]
-    return np.asarray(cells.x, np.float64), np.asarray(cells.y, np.float64), np.stack(crops)
+    return cells, np.stack(crops)
 
 
 def synthetic_crops(
@@ -1638,6 +1705,33 @@ def pipeline_crops(
     from wsi_screen.config import load_settings
 
     return _run_device_stage(
+        Path(slide_path),
+        localizer=localizer,
+        settings=settings or load_settings(),
+        mpp=mpp,
+        size=size,
+        target=target,
+        device=device or _cpu(),
+        mask_channel=mask_channel,
+    )
+
+
+def pipeline_cells(
+    slide_path: str | os.PathLike[str],
+    *,
+    localizer: Localizer,
+    settings: Settings | None = None,
+    mpp: float = 0.25,
+    size: int = 224,
+    target: ReinhardStats | None = None,
+    device: torch.device | None = None,
+    mask_channel: bool = False,
+) -> tuple[CellTable, NDArray[np.uint8]]:
+    """:func:`pipeline_crops` with the cell table: every cell's level-0 centre, nucleus outline and
+    morphometrics (the inputs of a bundle's ``score_head``), row by row with its crop."""
+    from wsi_screen.config import load_settings
+
+    return _device_stage_cells(
         Path(slide_path),
         localizer=localizer,
         settings=settings or load_settings(),

@@ -1,0 +1,197 @@
+"""Crop folders evaluated as screening sees them (``wsi_screen.train.pasted``) and pooled class metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.classifier_helpers import ThresholdLocalizer
+from wsi_screen.cells import abnormality_score
+from wsi_screen.classify import CellClassifier
+from wsi_screen.config import load_settings
+from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
+from wsi_screen.models.registry import create_model
+from wsi_screen.train.cell_slides import CellSlide, LabelledCell, foreground_label, label_detections
+from wsi_screen.train.classifier import evaluate_bundles, pool_absent_classes
+from wsi_screen.train.data import CropSet, pipeline_cells
+from wsi_screen.train.pasted import screen_cells
+
+CPU = torch.device("cpu")
+CLASSES = ["NILM", "ASC-US", "LSIL", "HSIL", "SCC", "organism", "artifact"]
+ABNORMAL = ["ASC-US", "LSIL", "HSIL", "SCC"]
+
+
+def test_absent_classes_pool_by_triage_group_and_into_nilm() -> None:
+    # Herlev: NILM, LSIL, HSIL present.
+    got = pool_absent_classes(CLASSES, ["NILM", "LSIL", "HSIL"], ABNORMAL)
+    assert got == {"ASC-US": "LSIL", "SCC": "HSIL", "organism": "NILM", "artifact": "NILM"}
+    # Only low-grade abnormal present: a high-grade class goes to the most severe present one.
+    assert pool_absent_classes(CLASSES, ["NILM", "ASC-US"], ABNORMAL)["HSIL"] == "ASC-US"
+    # Two present classes of one group: the more severe takes the absent one.
+    assert pool_absent_classes(
+        ["NILM", "ASC-H", "HSIL", "SCC"], ["NILM", "ASC-H", "SCC"], ["ASC-H", "HSIL", "SCC"]
+    ) == {"HSIL": "SCC"}
+    # No negative class present: the negatives have nowhere to go and are left out.
+    assert pool_absent_classes(CLASSES, ["HSIL"], ABNORMAL) == {
+        "ASC-US": "HSIL",
+        "LSIL": "HSIL",
+        "SCC": "HSIL",
+    }
+    # Without NILM the first present negative class takes them.
+    assert pool_absent_classes(["NILM", "organism", "HSIL"], ["organism", "HSIL"], ["HSIL"]) == {
+        "NILM": "organism"
+    }
+
+
+def _bundle(tmp_path: Path, name: str = "b") -> Any:
+    torch.manual_seed(0)
+    cfg = BundleConfig(
+        name=name,
+        task="classification",
+        architecture="mobilenetv3_small_050",
+        input_size=64,
+        mpp=0.25,
+        class_names=CLASSES,
+        abnormal_classes=ABNORMAL,
+    )
+    return load_bundle(
+        save_bundle(create_model(cfg.architecture, num_classes=len(CLASSES)), cfg, tmp_path / name).path
+    )
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    pos, neg = score[positive], score[~positive]
+    return float(
+        ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
+        / (len(pos) * len(neg))
+    )
+
+
+def test_pooled_metrics_keep_the_screening_score(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 12 + [1] * 12)
+    data = CropSet(
+        crops=rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8),
+        labels=labels,
+        groups=np.array([f"g{i}" for i in range(24)]),
+        class_names=["NILM", "HSIL"],
+        mpp=0.25,
+        sources=np.array(["s"] * 24),
+    )
+    raw = CellClassifier([bundle], device=CPU).predict(torch.from_numpy(data.crops)).numpy()
+    score = abnormality_score(raw, CLASSES, ABNORMAL)
+    pooled = evaluate_bundles([bundle.path], data, device="cpu")
+    assert pooled["class_names"] == ["NILM", "HSIL"]
+    assert pooled["evaluation"]["pooled_into"] == {
+        "ASC-US": "HSIL",
+        "LSIL": "HSIL",
+        "SCC": "HSIL",
+        "organism": "NILM",
+        "artifact": "NILM",
+    }
+    # The needs-review score is the bundle's summed abnormal probability (float64 sums of float32
+    # probabilities: the AUROC ranks the same values, so it is equal up to ties at ~1e-7).
+    assert pooled["needs_review"]["auroc"] == pytest.approx(_auroc(score, labels == 1), abs=1e-9)
+    present = evaluate_bundles([bundle.path], data, classes="present", device="cpu")
+    assert present["evaluation"]["pooled_into"] == {}
+
+
+def _cells(n_disc: int) -> list[LabelledCell]:
+    """Cells (30 µm of pale cytoplasm around a dark nucleus of two sizes) on glass, which cell-region
+    detection and the stand-in localizer find, and one crop of glass alone."""
+    out = []
+    rng = np.random.default_rng(1)
+    side = 160
+    yy, xx = np.mgrid[:side, :side]
+    r2 = (xx - side / 2) ** 2 + (yy - side / 2) ** 2
+    for i in range(n_disc):
+        d = 16.0 if i % 2 else 26.0
+        img = np.full((side, side, 3), 236, np.uint8)
+        img[r2 <= 60**2] = (180, 150, 190)
+        img[r2 <= (d / 2) ** 2] = (60, 40, 90)
+        img = np.clip(img.astype(int) + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+        klass = "HSIL" if i % 2 == 0 else "NILM"
+        out.append(LabelledCell(f"c{i}", klass, "t", img, foreground_label(img), 0.25, False))
+    glass = np.full((side, side, 3), 236, np.uint8)
+    out.append(LabelledCell("blank", "NILM", "t", glass, np.zeros((side, side), np.uint8), 0.25, False))
+    return out
+
+
+def test_screen_cells_scores_each_cell_by_its_most_abnormal_detection(tmp_path: Path) -> None:
+    clf = CellClassifier([_bundle(tmp_path)], device=CPU)
+    cells = _cells(8)
+    settings = load_settings()
+    work = tmp_path / "slides"
+    res = screen_cells(
+        cells,
+        [f"g{i}" for i in range(len(cells))],
+        classifier=clf,
+        localizer=ThresholdLocalizer(),  # type: ignore[arg-type]
+        settings=settings,
+        target=None,
+        work_dir=work,
+        progress=False,
+    )
+    assert res.names == [c.name for c in cells] and res.labels == [c.klass for c in cells]
+    assert res.groups[3] == "g3" and res.class_names == CLASSES
+    assert res.detected[:-1].all() and not res.detected[-1]
+    # Glass alone is never found: all its mass on the negative class, as screening never shows it.
+    np.testing.assert_array_equal(res.probs[-1], np.eye(len(CLASSES), dtype=np.float32)[0])
+    assert res.detections[-1] == 0
+    # Each found cell carries the probabilities of its most abnormal detection: recompute them from
+    # the kept slide (same code path, same crops: exact).
+    slides = sorted(work.glob("pasted-*.tiff"))
+    assert len(slides) == 1
+    table, crops = pipeline_cells(slides[0], localizer=ThresholdLocalizer(), settings=settings, size=64)  # type: ignore[arg-type]
+    probs = clf.predict(torch.from_numpy(crops)).numpy()
+    score = abnormality_score(probs, CLASSES, ABNORMAL)
+    truth = CellSlide.load_truth(slides[0].with_suffix(".truth.npz"))
+    _, _, where = label_detections(table.x, table.y, truth)
+    for i, cell in enumerate(cells[:-1]):
+        j = truth.names.index(cell.name)
+        mine = np.flatnonzero(where == j)
+        assert len(mine) == res.detections[i] >= 1
+        np.testing.assert_array_equal(res.probs[i], probs[mine[np.argmax(score[mine])]])
+
+
+@pytest.mark.slow
+def test_evaluate_cli_cuts_crop_folders_through_the_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_train_classifier import _write_crop_folder
+    from wsi_screen.cli.main import main
+
+    data = _write_crop_folder(tmp_path / "crops", n_groups=2, per_group=3, side=96)
+    out = {}
+    for cut in ("pipeline", "crop"):
+        with pytest.raises(SystemExit) as exc:
+            main(
+                [
+                    "-q",
+                    "evaluate",
+                    "--model",
+                    "cyto-synth-v1",
+                    "--data",
+                    str(data),
+                    "--mpp",
+                    "0.25",
+                    "--cut",
+                    cut,
+                    "--json",
+                ]
+            )
+        captured = capsys.readouterr()
+        assert (exc.value.code or 0) == 0, captured.err
+        out[cut] = json.loads(captured.out)
+    pipe = out["pipeline"]
+    assert pipe["n"] == 12 and pipe["class_names"] == ["NILM", "HSIL"]
+    screened = pipe["evaluation"]["screened_cells"]
+    assert screened["n"] == 12 and 0 <= screened["detected"] <= 12
+    assert pipe["evaluation"]["data"]["cut"] == "pipeline"
+    assert "screened_cells" not in out["crop"]["evaluation"] and out["crop"]["n"] == 12
