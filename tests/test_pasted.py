@@ -195,3 +195,95 @@ def test_evaluate_cli_cuts_crop_folders_through_the_pipeline(
     assert screened["n"] == 12 and 0 <= screened["detected"] <= 12
     assert pipe["evaluation"]["data"]["cut"] == "pipeline"
     assert "screened_cells" not in out["crop"]["evaluation"] and out["crop"]["n"] == 12
+
+
+def test_pasted_crops_keep_up_to_per_cell_detections_labelled_by_their_cell() -> None:
+    from wsi_screen.train.pasted import pasted_crops
+
+    cells = _cells(6)
+    groups = [f"patient{i // 2}" for i in range(len(cells))]
+    data = pasted_crops(
+        cells,
+        groups,
+        localizer=ThresholdLocalizer(),  # type: ignore[arg-type]
+        settings=load_settings(),
+        size=64,
+        per_cell=2,
+        progress=False,
+    )
+    assert data.class_names == ["NILM", "HSIL"] and data.size == 64 and data.channels == 3
+    by_cell = {c.name: c for c in cells}
+    sources = data.sources.tolist()
+    # Every found cell gives 1–2 crops, each labelled with its cell's class and group; glass gives none.
+    assert set(sources) == {c.name for c in cells[:-1]}
+    for name in set(sources):
+        rows = [i for i, s in enumerate(sources) if s == name]
+        assert 1 <= len(rows) <= 2
+        assert {data.class_names[data.labels[i]] for i in rows} == {by_cell[name].klass}
+        assert {data.groups[i] for i in rows} == {groups[[c.name for c in cells].index(name)]}
+    # The crop is centred on a nucleus: darker in the middle than at its border.
+    mid = data.crops[:, 28:36, 28:36].astype(np.float32).mean(axis=(1, 2, 3))
+    rim = data.crops[:, :4].astype(np.float32).mean(axis=(1, 2, 3))
+    assert (mid < rim - 40).all()
+    with pytest.raises(ValueError, match="per_cell"):
+        pasted_crops(cells, groups, localizer=ThresholdLocalizer(), settings=load_settings(), per_cell=0)  # type: ignore[arg-type]
+
+
+def test_collect_crops_cuts_crop_folders_through_the_pipeline_with_a_mask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    import wsi_screen.localize as localize_module
+    from wsi_screen.train.data import collect_crops
+
+    for c in _cells(4)[:-1]:
+        (tmp_path / "crops" / c.klass).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(c.rgb).save(tmp_path / "crops" / c.klass / f"{c.name}.png")
+    # The stand-in localizer instead of the settings' U-Net (no weights needed).
+    monkeypatch.setattr(localize_module, "Localizer", lambda *a, **k: ThresholdLocalizer())
+    data = collect_crops(
+        data=[tmp_path / "crops"], mpp=0.25, size=64, cut="pipeline", mask_channel=True, progress=False
+    )
+    assert len(data) >= 3 and data.channels == 4 and data.info["cut"] == "pipeline"
+    assert set(data.class_names) == {"NILM", "HSIL"}
+    assert (data.crops[..., 3] > 0).any()  # the nucleus mask channel is drawn
+    with pytest.raises(Exception, match="crop folder has no nucleus mask"):
+        collect_crops(data=[tmp_path / "crops"], mpp=0.25, size=64, mask_channel=True, progress=False)
+
+
+@pytest.mark.slow
+def test_train_cli_cut_pipeline_records_the_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    import wsi_screen.localize as localize_module
+    from wsi_screen.cli.main import main
+
+    for c in _cells(7)[:-1]:
+        (tmp_path / "crops" / c.klass).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(c.rgb).save(tmp_path / "crops" / c.klass / f"{c.name}.png")
+    monkeypatch.setattr(localize_module, "Localizer", lambda *a, **k: ThresholdLocalizer())
+    out = tmp_path / "bundle"
+    args = [
+        "-q",
+        "train",
+        "classifier",
+        "--data",
+        str(tmp_path / "crops"),
+        "--mpp",
+        "0.25",
+        "--cut",
+        "pipeline",
+    ]
+    args += ["-o", str(out), "--epochs", "1", "--input-size", "64", "--arch", "mobilenetv3_small_050"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--batch-size", "8"])
+    assert (exc.value.code or 0) == 0, capsys.readouterr().err
+    data = json.loads((out / "bundle.json").read_text())["training"]["data"]
+    assert (
+        data["cut"] == "pipeline"
+        and data["cells"] == 7
+        and data["localization"] == {"name": "ThresholdLocalizer"}
+    )

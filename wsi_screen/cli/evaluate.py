@@ -123,8 +123,9 @@ def evaluate(ctx: click.Context, /, **kw: Any) -> None:
         click.echo(json.dumps(metrics, indent=2, allow_nan=False))
     else:
         ev = metrics["evaluation"]
+        unit = "cells" if data is None else "crops and cells" if screened else "crops"
         click.echo(
-            f"{metrics['n']:,} crops; model{'s' if ev['ensemble'] else ''}: "
+            f"{metrics['n']:,} {unit}; model{'s' if ev['ensemble'] else ''}: "
             + " + ".join(m["name"] for m in ev["models"])
         )
         if "screened_cells" in ev:
@@ -158,7 +159,10 @@ def _screen_folders(
 
     if kw["mpp"] is None:
         raise DataError("--data crop folders need --mpp, their µm/px (Herlev: 0.201)")
-    overrides: dict[str, Any] = {"classification.models": list(kw["models"])}
+    overrides: dict[str, Any] = {
+        "classification.models": list(kw["models"]),
+        "classification.batch_size": kw["batch_size"],
+    }
     if kw["localizer"]:
         overrides["localization.model"] = kw["localizer"]
     if kw["device"] != "auto":

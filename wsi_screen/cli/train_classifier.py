@@ -112,7 +112,8 @@ def data_options(func: F) -> F:
             "--localizer",
             default=None,
             metavar="BUNDLE",
-            help="Localization bundle for --synthetic (default: the settings' localization.model).",
+            help="Localization bundle for --synthetic and for crop folders cut by the pipeline "
+            "(--cut pipeline) [default: the settings' localization.model].",
         ),
         click.option(
             "--stain",
@@ -223,9 +224,11 @@ def crops_from_options(
     stain_target: Any = None,
     mask_channel: bool = False,
     ignore: tuple[str, ...] = (),
+    cut: str = "crop",
 ) -> Any:
     """Load the crops named by :func:`data_options` (a :class:`~wsi_screen.train.data.CropSet`);
-    ``mask_channel``: with the nucleus-mask channel (``rgb+mask`` bundles)."""
+    ``mask_channel``: with the nucleus-mask channel (``rgb+mask`` bundles); ``cut``: how crop folders
+    become crops (:func:`~wsi_screen.train.data.collect_crops`)."""
     from wsi_screen.train.data import collect_crops
 
     if localizer:
@@ -251,6 +254,7 @@ def crops_from_options(
         progress=progress,
         mask_channel=mask_channel,
         ignore=list(ignore),
+        cut=cut,  # type: ignore[arg-type]
     )
 
 
@@ -264,6 +268,16 @@ def crops_from_options(
     help="The bundle folder to write (use it with `wsi-screen run SLIDE --model OUTPUT`).",
 )
 @data_options
+@click.option(
+    "--cut",
+    type=click.Choice(["crop", "pipeline"]),
+    default="crop",
+    show_default=True,
+    help="How --data crop folders become training crops. crop: each crop rescaled, padded with its "
+    "glass, normalized by --stain. pipeline: the cells pasted into slides and cut as `run` cuts them "
+    "(slide-level Reinhard, the localizer's centres; up to 3 detections a cell): training then sees "
+    "the pixels screening sees.",
+)
 @click.option(
     "--classes",
     default=None,
@@ -490,6 +504,7 @@ def train_classifier_cmd(ctx: click.Context, /, **kw: Any) -> None:
         device=kw["device"],
         progress=progress,
         mask_channel=kw["mask_channel"],
+        cut=kw["cut"],
     )
     click.echo(
         f"{len(data):,} crops from {len(set(data.groups.tolist())):,} groups: "

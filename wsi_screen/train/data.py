@@ -1532,10 +1532,15 @@ def collect_crops(
     progress: bool = True,
     mask_channel: bool = False,
     ignore: Sequence[str] = (),
+    cut: Literal["crop", "pipeline"] = "crop",
 ) -> CropSet:
     """Crops from any mix of crop folders / saved crop sets, QuPath annotations and synthetic slides.
 
     ``ignore``: glob patterns of folders of the crop folders to skip (:func:`load_crop_folder`).
+    ``cut``: how crop folders become crops — ``crop``: each crop rescaled, padded with its glass and
+    normalized by ``stain`` (:func:`load_crop_folder`); ``pipeline``: the folder's cells pasted into
+    slides and cut by the inference path with the settings' localizer, up to 3 detections a cell
+    (:func:`wsi_screen.train.pasted.pasted_crops`: the crops screening would classify).
 
     ``annotations`` needs ``slides_dir``; ``synthetic`` slides need the localization bundle named in
     ``settings.localization.model`` (``nuclei-unet-v1`` by default) and cache their crops in
@@ -1544,15 +1549,57 @@ def collect_crops(
     crop sets only if they were made with it.
     """
     from wsi_screen.config import load_settings
+    from wsi_screen.stain import DEFAULT_TARGET
 
     s = settings or load_settings()
     parts: list[CropSet] = []
     want = 4 if mask_channel else 3
+    loaded: list[Localizer] = []
+
+    def localizer() -> Localizer:
+        """The localization bundle of the settings, loaded once."""
+        if not loaded:
+            from wsi_screen.localize import Localizer
+            from wsi_screen.models.bundle import load_bundle
+            from wsi_screen.runtime import resolve_device
+
+            bundle = load_bundle(s.localization.model, task="localization")
+            loaded.append(
+                Localizer(bundle, settings=s.localization, device=resolve_device(device, setting="device"))
+            )
+        return loaded[0]
+
+    if cut not in ("crop", "pipeline"):
+        raise DataError(f"cut must be 'crop' or 'pipeline', got {cut!r}")
     for d in data:
-        if mask_channel and not CropSet.is_cropset(d):
+        folder = not CropSet.is_cropset(d)
+        if cut == "pipeline" and folder:
+            from wsi_screen.train.pasted import folder_cells, pasted_crops
+
+            if mpp is None or mpp <= 0:
+                raise DataError(f"{d}: give the crops' µm/px (mpp, e.g. 0.201 for Herlev)")
+            cells, groups = folder_cells(
+                d, mpp=mpp, class_map=class_map, classes=classes, ignore=ignore, progress=progress
+            )
+            part = pasted_crops(
+                cells,
+                groups,
+                localizer=localizer(),
+                settings=s,
+                mpp=target_mpp,
+                size=size,
+                target=None if stain == "none" else (stain_target or DEFAULT_TARGET),
+                mask_channel=mask_channel,
+                progress=progress,
+            )
+            part.info.update({"source": "crop_folder", "path": str(Path(d).resolve()), "source_mpp": mpp})
+            parts.append(part)
+            continue
+        if mask_channel and folder:
             raise DataError(
-                f"{d}: a crop folder has no nucleus mask; mask_channel needs annotations with "
-                "slides_dir, synthetic slides, or a crop set saved with mask_channel"
+                f"{d}: a crop folder has no nucleus mask; mask_channel needs cut='pipeline' (the folder's "
+                "cells pasted into slides), annotations with slides_dir, synthetic slides, or a crop set "
+                "saved with mask_channel"
             )
         part = load_crops(
             d,
@@ -1573,20 +1620,6 @@ def collect_crops(
                 + " or save the crops again"
             )
         parts.append(part)
-    loaded: list[Localizer] = []
-
-    def localizer() -> Localizer:
-        """The localization bundle of the settings, loaded once."""
-        if not loaded:
-            from wsi_screen.localize import Localizer
-            from wsi_screen.models.bundle import load_bundle
-            from wsi_screen.runtime import resolve_device
-
-            bundle = load_bundle(s.localization.model, task="localization")
-            loaded.append(
-                Localizer(bundle, settings=s.localization, device=resolve_device(device, setting="device"))
-            )
-        return loaded[0]
 
     if annotations:
         if slides_dir is None:
@@ -1701,19 +1734,19 @@ def pipeline_crops(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
     """Every cell ``run_slide`` would classify on a slide: level-0 (x, y) and its crop, cut by the
     inference path (cell regions, slide-level Reinhard towards ``target``, ``localizer``, the
-    coverage resolver on tile edges, ``size``² crops at ``mpp``)."""
-    from wsi_screen.config import load_settings
-
-    return _run_device_stage(
-        Path(slide_path),
+    coverage resolver on tile edges, ``size``² crops at ``mpp``); :func:`pipeline_cells` without
+    the rest of the cell table."""
+    cells, crops = pipeline_cells(
+        slide_path,
         localizer=localizer,
-        settings=settings or load_settings(),
+        settings=settings,
         mpp=mpp,
         size=size,
         target=target,
-        device=device or _cpu(),
+        device=device,
         mask_channel=mask_channel,
     )
+    return np.asarray(cells.x, np.float64), np.asarray(cells.y, np.float64), crops
 
 
 def pipeline_cells(
