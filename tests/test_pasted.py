@@ -100,6 +100,11 @@ def test_pooled_metrics_keep_the_screening_score(tmp_path: Path) -> None:
     assert pooled["needs_review"]["auroc"] == pytest.approx(_auroc(score, labels == 1), abs=1e-9)
     present = evaluate_bundles([bundle.path], data, classes="present", device="cpu")
     assert present["evaluation"]["pooled_into"] == {}
+    # The report says how absent classes were counted.
+    from wsi_screen.metrics import write_metrics_report
+
+    page = write_metrics_report(pooled, tmp_path / "report", title="t")["html"].read_text()
+    assert "counted as present ones: ASC-US as HSIL, LSIL as HSIL" in page
 
 
 def _cells(n_disc: int) -> list[LabelledCell]:

@@ -963,6 +963,27 @@ def _img(path: Path, alt: str) -> str:
     return f'<h2>{html.escape(alt)}</h2>\n<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _evaluation_notes(data: Mapping[str, Any]) -> list[str]:
+    """How a cell-level evaluation's data reached the model (``evaluation`` of ``evaluate_bundles``)."""
+    ev = data.get("evaluation") or {}
+    notes = []
+    sc = ev.get("screened_cells")
+    if sc:
+        notes.append(
+            f"{sc['n']:,} cells of crop folders were pasted into slides and cut as screening cuts them; "
+            f"{sc['detected']:,} were found by the localizer (the others count as negative calls). "
+            "A cell is scored by its most abnormal detection."
+        )
+    pooled = ev.get("pooled_into") or {}
+    if pooled:
+        notes.append(
+            "Bundle classes absent from the data counted as present ones: "
+            + ", ".join(f"{a} as {b}" for a, b in pooled.items())
+            + "."
+        )
+    return notes
+
+
 def write_metrics_report(metrics: Mapping[str, Any], out_dir: str | Path, *, title: str) -> dict[str, Path]:
     """Write ``metrics.json``, the plots and a self-contained ``report.html`` into ``out_dir``.
 
@@ -1008,6 +1029,7 @@ def write_metrics_report(metrics: Mapping[str, Any], out_dir: str | Path, *, tit
         _html_table(tables[0]),
         *[_img(p, alt) for p, alt in images],
         *[_html_table(t) for t in tables[1:]],
+        *[f'<p class="meta">{html.escape(n)}</p>' for n in _evaluation_notes(data)],
         '<p class="meta">Definitions: docs/training.md, section "Metrics". Raw numbers: metrics.json.</p>',
         "</body></html>",
     ]
