@@ -175,6 +175,7 @@ def test_evaluate_cli_cuts_crop_folders_through_the_pipeline(
     data = _write_crop_folder(tmp_path / "crops", n_groups=2, per_group=3, side=96)
     out = {}
     for cut in ("pipeline", "crop"):
+        keep = ["--keep-slides", str(tmp_path / "kept")] if cut == "pipeline" else []
         with pytest.raises(SystemExit) as exc:
             main(
                 [
@@ -189,6 +190,7 @@ def test_evaluate_cli_cuts_crop_folders_through_the_pipeline(
                     "--cut",
                     cut,
                     "--json",
+                    *keep,
                 ]
             )
         captured = capsys.readouterr()
@@ -199,6 +201,11 @@ def test_evaluate_cli_cuts_crop_folders_through_the_pipeline(
     screened = pipe["evaluation"]["screened_cells"]
     assert screened["n"] == 12 and 0 <= screened["detected"] <= 12
     assert pipe["evaluation"]["data"]["cut"] == "pipeline"
+    found = screened["detected_by_class"]
+    assert set(found) == {"NILM", "HSIL"} and found["NILM"][1] == found["HSIL"][1] == 6
+    assert sum(k for k, _ in found.values()) == screened["detected"]
+    kept = sorted((tmp_path / "kept").glob("*/pasted-*.tiff"))
+    assert len(kept) == 1 and kept[0].with_suffix(".truth.npz").is_file()
     assert "screened_cells" not in out["crop"]["evaluation"] and out["crop"]["n"] == 12
 
 

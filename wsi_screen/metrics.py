@@ -971,8 +971,10 @@ def _evaluation_notes(data: Mapping[str, Any]) -> list[str]:
     if sc:
         notes.append(
             f"{sc['n']:,} cells of crop folders were pasted into slides and cut as screening cuts them; "
-            f"{sc['detected']:,} were found by the localizer (the others count as negative calls). "
-            "A cell is scored by its most abnormal detection."
+            f"{sc['detected']:,} were found by the localizer (the others count as negative calls; per "
+            "class: "
+            + ", ".join(f"{c} {k}/{n}" for c, (k, n) in (sc.get("detected_by_class") or {}).items())
+            + "). A cell is scored by its most abnormal detection."
         )
     pooled = ev.get("pooled_into") or {}
     if pooled:

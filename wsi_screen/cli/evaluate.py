@@ -58,6 +58,13 @@ from wsi_screen.cli.train_classifier import crops_from_options, data_option_valu
     "scores as its most abnormal detection, an undetected cell as a negative call. crop: each crop is "
     "rescaled, padded with its glass and normalized by --stain (a box screening never sees).",
 )
+@click.option(
+    "--keep-slides",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="With --cut pipeline: keep the slides the cells were pasted into (one sub-folder per --data "
+    "folder: pasted-NNNN.tiff and its .truth.npz), e.g. to open them in QuPath.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the full metrics as JSON instead of tables.")
 @config_options
@@ -132,7 +139,8 @@ def evaluate(ctx: click.Context, /, **kw: Any) -> None:
             sc = ev["screened_cells"]
             click.echo(
                 f"{sc['n']:,} cells of the crop folders pasted into slides and screened: "
-                f"{sc['detected']:,} found by the localizer (the others count as negative calls)"
+                f"{sc['detected']:,} found by the localizer (the others count as negative calls): "
+                + ", ".join(f"{c} {k}/{n}" for c, (k, n) in sc["detected_by_class"].items())
             )
         if ev["absent_classes"]:
             how = {"present": "dropped", "all": "kept"}.get(ev["class_mode"]) or "counted as " + ", ".join(
@@ -179,7 +187,8 @@ def _screen_folders(
             target=target,
             class_map=kw["class_map"],
             ignore=kw["ignore"],
+            work_dir=None if kw["keep_slides"] is None else kw["keep_slides"] / f"{k:02d}-{d.name}",
             progress=progress,
         )
-        for d in folders
+        for k, d in enumerate(folders)
     ]

@@ -1078,9 +1078,15 @@ def evaluate_bundles(
     }
     if cells:
         det = np.concatenate([c.detected for c in cells])
+        truth = np.array([t for c in cells for t in c.labels], dtype=str)
         metrics["evaluation"]["screened_cells"] = {
             "n": len(det),
             "detected": int(det.sum()),
+            "detected_by_class": {
+                c: [int(det[truth == c].sum()), int((truth == c).sum())]
+                for c in names_all
+                if (truth == c).any()
+            },
             "rule": "cells pasted into slides and cut by the pipeline; a cell's probabilities are those of "
             "its most abnormal detection; an undetected cell counts as a negative call",
         }

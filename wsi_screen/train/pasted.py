@@ -302,9 +302,11 @@ def screen_folder_cells(
     classes: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
     seed: int = 0,
+    work_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> ScreenedCells:
-    """:func:`folder_cells` then :func:`screen_cells`; ``info`` names the folder."""
+    """:func:`folder_cells` then :func:`screen_cells` (``work_dir``: keep the slides and their truth
+    there); ``info`` names the folder."""
     cells, groups = folder_cells(
         root, mpp=mpp, class_map=class_map, classes=classes, ignore=ignore, progress=progress
     )
@@ -322,6 +324,7 @@ def screen_folder_cells(
         settings=settings,
         target=target,
         seed=seed,
+        work_dir=work_dir,
         progress=progress,
     )
     out.info.update({"source": "crop_folder", "path": str(Path(root).resolve()), "source_mpp": mpp})
