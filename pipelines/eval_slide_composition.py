@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=["val", "test"], default="val")
     p.add_argument("--compositions", nargs="+", choices=COMPOSITIONS, default=list(COMPOSITIONS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier", default=None, help="classification bundle (default: the shipped one)")
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args(argv)
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     herlev = load_labelled_cells(
         tcr.DATA, "herlev", split_names(manifest, "herlev", args.part), load_class_map("herlev-bethesda")
     )
-    settings = load_settings()
+    overrides = {"classification.models": [args.classifier]} if args.classifier else {}
+    settings = load_settings(overrides=overrides)
     models = load_models(settings)
     settings = resolve_flag_threshold(settings, models.classifier)
     flag = float(settings.output.flag_min_score or 0.5)
