@@ -88,9 +88,6 @@ Stages (``--stages``, default all, in this order):
     Fitted on the validation crops (the CNN has seen the training crops), with grouped
     ``--head-folds``-fold cross-fitting for the validation figures and the threshold; the test crops
     are scored once by the head refitted on all of validation. ``WORK/head.json``.
-``ship-head`` (only when asked for)
-    ``--head-base`` with the ``--ship-head`` head as the bundle ``--name`` (same weights; the head in
-    ``inference.score_head``; its cross-fitted validation threshold as ``thresholds.flag_score``).
 ``ship``
     Copies the ``--ship`` variant to ``wsi_screen/models/bundles/<--name>`` with its figures and its
     ``thresholds.flag_score`` (the validation threshold above), which ``run_slide`` uses as the
@@ -139,12 +136,9 @@ STAGES = (
     "tta",
     "compare",
     "head",
-    "ship-head",
 )
 #: Stages run when ``--stages`` is not given (``ssl``, ``cross-source`` train extra models: asked for).
-DEFAULT_STAGES = tuple(
-    s for s in STAGES if s not in ("ssl", "cross-source", "tta", "compare", "head", "ship-head")
-)
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("ssl", "cross-source", "tta", "compare", "head"))
 #: The classes both sides of the cross-source table share (issue 14, item 3).
 CROSS_CLASSES = ["NILM", "LSIL", "HSIL"]
 #: The two sides of the cross-source table: what each holds, from the crops of every part.
@@ -1030,58 +1024,6 @@ def stage_ship(args: argparse.Namespace, work: Path) -> None:
     logger.info("shipped %s → %s", src, dest)
 
 
-def stage_ship_head(args: argparse.Namespace, work: Path) -> None:
-    """Ship ``--head-base`` with the ``--ship-head`` score head of the ``head`` stage as the bundle
-    ``--name``: the same weights, the head in ``inference.score_head`` (its inputs in
-    ``extra_features``) and the head's cross-fitted validation threshold as ``thresholds.flag_score``."""
-    from wsi_screen.models.bundle import CONFIG_NAME
-
-    if args.name == args.head_base:
-        raise SystemExit("ship-head: give the new bundle a --name of its own (not the --head-base)")
-    res = json.loads((work / "head.json").read_text())
-    if args.ship_head not in res:
-        raise SystemExit(f"ship-head: no head {args.ship_head!r} in {work / 'head.json'} (run --stages head)")
-    entry = res[args.ship_head]
-    base = Path(args.head_base) if Path(args.head_base).is_dir() else BUNDLES / args.head_base
-    cfg = json.loads((base / CONFIG_NAME).read_text())
-    head = entry["head"]
-    cfg["name"] = args.name
-    cfg["version"] = "2"
-    cfg["description"] = (
-        f"{cfg['name']}: the {res['base']} CNN with a score head (its abnormality score refitted with the "
-        f"localizer's nucleus measurements: {', '.join(head['features'])})"
-    )
-    cfg["extra_features"] = list(head["features"])
-    cfg["inference"] = {**cfg.get("inference", {}), "score_head": head}
-    cfg["thresholds"]["flag_score"] = round(entry["val_crossfit"]["threshold"], 6)
-    cfg["training"]["score_head"] = {
-        "base": res["base"],
-        "fit": res["fit"],
-        "features": entry["features"],
-        "l2": res["l2"],
-        "threshold_rule": res["rule"],
-        "command": (
-            "python pipelines/train_classifier_real.py --stages head ship-head "
-            f"--ship-head {args.ship_head} --name {args.name}"
-        ),
-    }
-    cfg["metrics"]["real_cells"] = {
-        "command": "python pipelines/train_classifier_real.py --stages head",
-        "threshold_rule": res["rule"],
-        "val": entry["val_crossfit"],
-        "test": entry["test"],
-        "val_auroc_gain_over_base": entry["val_auroc_gain"],
-        "test_auroc_gain_over_base": entry["test_auroc_gain"],
-    }
-    dest = BUNDLES / args.name
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    shutil.copy2(base / "model.safetensors", dest / "model.safetensors")
-    (dest / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-    logger.info("shipped %s + head %s → %s", base.name, args.ship_head, dest)
-
-
 def cross_source_side(data: Any, side: str) -> Any:
     """The crops of one side of the cross-source table (:data:`CROSS_SIDES`), labelled in
     :data:`CROSS_CLASSES` (endocervical and organism count as NILM; other classes are left out)."""
@@ -1341,7 +1283,6 @@ def main(argv: list[str] | None = None) -> int:
         default="cyto-real-v1",
         help="head: the bundle (name or folder) whose score is refitted",
     )
-    p.add_argument("--ship-head", default="nucleus", help="ship-head: the head (feature set) to ship")
     p.add_argument("--head-folds", type=int, default=5, help="head: grouped cross-fitting folds on val")
     p.add_argument("--head-l2", type=float, default=1.0, help="head: L2 penalty of the logistic regression")
     p.add_argument("--arch", default="mobilenetv3_small_100")

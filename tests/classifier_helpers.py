@@ -10,6 +10,8 @@ import torch
 from scipy import ndimage as ndi
 
 from wsi_screen.cells import MORPHOMETRICS, CellTable
+from wsi_screen.models.bundle import BundleConfig, ModelBundle, load_bundle, save_bundle
+from wsi_screen.models.registry import create_model
 from wsi_screen.synth import CellSpec, synthesize_slide
 
 #: Seven cells of several kinds, well apart, on a 1800² px synthetic slide (``write_small_slide``).
@@ -75,3 +77,23 @@ class ThresholdLocalizer:
                 )
             )
         return out
+
+
+def tiny_classifier_bundle(
+    folder: Path, class_names: list[str], abnormal_classes: list[str], **config: Any
+) -> ModelBundle:
+    """A seeded, randomly initialised MobileNetV3 (×0.5) classifier bundle on 64² crops at 0.25 µm/px,
+    saved to ``folder`` (named after it); ``config``: further :class:`BundleConfig` fields."""
+    torch.manual_seed(0)
+    cfg = BundleConfig(
+        name=folder.name,
+        task="classification",
+        architecture="mobilenetv3_small_050",
+        input_size=64,
+        mpp=0.25,
+        class_names=class_names,
+        abnormal_classes=abnormal_classes,
+        **config,
+    )
+    model = create_model(cfg.architecture, num_classes=len(class_names))
+    return load_bundle(save_bundle(model, cfg, folder).path)

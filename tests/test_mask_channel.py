@@ -52,10 +52,10 @@ def test_nucleus_mask_fills_pixels_whose_centre_is_inside() -> None:
 def test_mask_crops_from_annotations_equal_the_pipeline_crops(tmp_path: Path, small_slide: Path) -> None:
     """Annotation crops with the mask channel are bit-identical to what screening feeds the classifier."""
     from wsi_screen.config import load_settings
-    from wsi_screen.train.data import _run_device_stage
+    from wsi_screen.train.data import pipeline_crops
 
     loc = ThresholdLocalizer()
-    x, y, crops = _run_device_stage(
+    x, y, crops = pipeline_crops(
         small_slide,
         localizer=loc,  # type: ignore[arg-type]
         settings=load_settings(),

@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.classifier_helpers import ThresholdLocalizer
+from tests.classifier_helpers import ThresholdLocalizer, tiny_classifier_bundle
 from wsi_screen.cells import abnormality_score
 from wsi_screen.classify import CellClassifier
 from wsi_screen.config import load_settings
-from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
-from wsi_screen.models.registry import create_model
 from wsi_screen.train.cell_slides import CellSlide, LabelledCell, foreground_label, label_detections
 from wsi_screen.train.classifier import evaluate_bundles, pool_absent_classes
 from wsi_screen.train.data import CropSet, pipeline_cells
@@ -49,19 +47,7 @@ def test_absent_classes_pool_by_triage_group_and_into_nilm() -> None:
 
 
 def _bundle(tmp_path: Path, name: str = "b") -> Any:
-    torch.manual_seed(0)
-    cfg = BundleConfig(
-        name=name,
-        task="classification",
-        architecture="mobilenetv3_small_050",
-        input_size=64,
-        mpp=0.25,
-        class_names=CLASSES,
-        abnormal_classes=ABNORMAL,
-    )
-    return load_bundle(
-        save_bundle(create_model(cfg.architecture, num_classes=len(CLASSES)), cfg, tmp_path / name).path
-    )
+    return tiny_classifier_bundle(tmp_path / name, CLASSES, ABNORMAL)
 
 
 def _auroc(score: np.ndarray, positive: np.ndarray) -> float:

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.classifier_helpers import ThresholdLocalizer
+from tests.classifier_helpers import ThresholdLocalizer, tiny_classifier_bundle
 from wsi_screen.cells import MORPHOMETRICS, CellTable, abnormality_score
 from wsi_screen.classify import CellClassifier, score_head_of
 from wsi_screen.errors import BundleError, DataError
-from wsi_screen.models.bundle import BundleConfig, load_bundle, save_bundle
-from wsi_screen.models.registry import create_model
+from wsi_screen.models.bundle import load_bundle
 from wsi_screen.score_head import ScoreHead, fit_logistic, fit_score_head
 
 CPU = torch.device("cpu")
@@ -162,20 +161,13 @@ def test_a_head_round_trips_and_refuses_what_it_cannot_use() -> None:
 
 
 def _bundle(tmp_path: Path, name: str, head: ScoreHead | None, *, extra: list[str] | None = None) -> Any:
-    torch.manual_seed(0)
-    cfg = BundleConfig(
-        name=name,
-        task="classification",
-        architecture="mobilenetv3_small_050",
-        input_size=64,
-        mpp=0.25,
-        class_names=CLASSES,
-        abnormal_classes=ABNORMAL,
+    return tiny_classifier_bundle(
+        tmp_path / name,
+        CLASSES,
+        ABNORMAL,
         inference={"score_head": head.to_dict()} if head is not None else {},
         extra_features=extra if extra is not None else (list(head.features) if head is not None else []),
     )
-    model = create_model(cfg.architecture, num_classes=len(CLASSES))
-    return load_bundle(save_bundle(model, cfg, tmp_path / name).path)
 
 
 def test_classifier_applies_the_head_to_the_cnn_probabilities(tmp_path: Path) -> None:
@@ -286,7 +278,7 @@ def test_the_device_stage_feeds_each_cells_morphometrics_to_the_head(tmp_path: P
 
 
 def _with_head(bundle: Any, head: ScoreHead, dest: Path) -> Any:
-    """The bundle's weights file with a head added to its config (what ``ship-head`` does)."""
+    """The bundle's weights file with a head added to its config."""
     import shutil
 
     shutil.copytree(bundle.path, dest)

@@ -346,10 +346,10 @@ def test_synthetic_crops_run_the_device_stage_and_cache(tmp_path: Path) -> None:
 def test_annotation_crops_equal_the_pipeline_crops(tmp_path: Path, small_slide: Path) -> None:
     """Crops cut from QuPath annotations are bit-identical to the crops screening cuts."""
     from wsi_screen.config import load_settings
-    from wsi_screen.train.data import _run_device_stage
+    from wsi_screen.train.data import pipeline_crops
 
     settings = load_settings()
-    x, y, crops = _run_device_stage(
+    x, y, crops = pipeline_crops(
         small_slide,
         localizer=ThresholdLocalizer(),  # type: ignore[arg-type]
         settings=settings,

@@ -1276,45 +1276,19 @@ def match_detections(
     return classes, obj_idx
 
 
-def _run_device_stage(
-    slide_path: Path,
+def pipeline_cells(
+    slide_path: str | os.PathLike[str],
     *,
     localizer: Localizer,
-    settings: Settings,
-    mpp: float,
-    size: int,
-    target: ReinhardStats | None,
-    device: torch.device,
-    mask_channel: bool = False,
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.uint8]]:
-    """Every cell the pipeline would classify on a slide: level-0 (x, y) and its crop
-    (:func:`_device_stage_cells` without the cell table)."""
-    cells, crops = _device_stage_cells(
-        slide_path,
-        localizer=localizer,
-        settings=settings,
-        mpp=mpp,
-        size=size,
-        target=target,
-        device=device,
-        mask_channel=mask_channel,
-    )
-    return np.asarray(cells.x, np.float64), np.asarray(cells.y, np.float64), crops
-
-
-def _device_stage_cells(
-    slide_path: Path,
-    *,
-    localizer: Localizer,
-    settings: Settings,
-    mpp: float,
-    size: int,
-    target: ReinhardStats | None,
-    device: torch.device,
+    settings: Settings | None = None,
+    mpp: float = 0.25,
+    size: int = 224,
+    target: ReinhardStats | None = None,
+    device: torch.device | None = None,
     mask_channel: bool = False,
 ) -> tuple[CellTable, NDArray[np.uint8]]:
     """Every cell the pipeline would classify on a slide: its row of the cell table (level-0
-    centre, outline, morphometrics) and its crop.
+    centre, nucleus outline, morphometrics — the inputs of a bundle's ``score_head``) and its crop.
 
     The slide is prepared (:func:`~wsi_screen.pipeline.prepare_slide`) and its tiles screened by
     :func:`~wsi_screen.tile_loop.run_tiles` as in :func:`~wsi_screen.pipeline.run_slide`, without a
@@ -1322,6 +1296,7 @@ def _device_stage_cells(
     :class:`~wsi_screen.localize.CoverageResolver`, each cell once, with the crop of the tile whose
     version was kept.
     """
+    from wsi_screen.config import load_settings
     from wsi_screen.device_stage import BatchResult, TileProcessor
     from wsi_screen.localize import CoverageResolver
     from wsi_screen.pipeline import prepare_slide
@@ -1329,6 +1304,10 @@ def _device_stage_cells(
     from wsi_screen.tile_loop import run_tiles
     from wsi_screen.tiling import Tile
 
+    if settings is None:
+        settings = load_settings()
+    if device is None:
+        device = _cpu()
     # The crop of every cell of every tile's version, by (tile, x, y); the resolver keeps one version.
     held: dict[tuple[int, float, float], NDArray[np.uint8]] = {}
 
@@ -1439,7 +1418,7 @@ def synthetic_crops(
             from wsi_screen.synth import load_truth
 
             truth = load_truth(slide_path)
-            x, y, crops = _run_device_stage(
+            x, y, crops = pipeline_crops(
                 slide_path,
                 localizer=localizer,
                 settings=s,
@@ -1747,30 +1726,3 @@ def pipeline_crops(
         mask_channel=mask_channel,
     )
     return np.asarray(cells.x, np.float64), np.asarray(cells.y, np.float64), crops
-
-
-def pipeline_cells(
-    slide_path: str | os.PathLike[str],
-    *,
-    localizer: Localizer,
-    settings: Settings | None = None,
-    mpp: float = 0.25,
-    size: int = 224,
-    target: ReinhardStats | None = None,
-    device: torch.device | None = None,
-    mask_channel: bool = False,
-) -> tuple[CellTable, NDArray[np.uint8]]:
-    """:func:`pipeline_crops` with the cell table: every cell's level-0 centre, nucleus outline and
-    morphometrics (the inputs of a bundle's ``score_head``), row by row with its crop."""
-    from wsi_screen.config import load_settings
-
-    return _device_stage_cells(
-        Path(slide_path),
-        localizer=localizer,
-        settings=settings or load_settings(),
-        mpp=mpp,
-        size=size,
-        target=target,
-        device=device or _cpu(),
-        mask_channel=mask_channel,
-    )

@@ -75,23 +75,6 @@ class ScreenedCells:
     def __len__(self) -> int:
         return len(self.names)
 
-    @staticmethod
-    def concat(parts: Sequence[ScreenedCells]) -> ScreenedCells:
-        if not parts:
-            raise ValueError("nothing to concatenate")
-        first = parts[0]
-        return ScreenedCells(
-            names=[n for p in parts for n in p.names],
-            labels=[n for p in parts for n in p.labels],
-            groups=[n for p in parts for n in p.groups],
-            probs=np.concatenate([p.probs for p in parts]),
-            detected=np.concatenate([p.detected for p in parts]),
-            detections=np.concatenate([p.detections for p in parts]),
-            class_names=first.class_names,
-            negative_class=first.negative_class,
-            info={"parts": [p.info for p in parts]},
-        )
-
 
 def folder_cells(
     root: str | os.PathLike[str],
