@@ -443,6 +443,27 @@ def score_slide(
         dist[lab - 1] = min(dx, dy)
     in_band = present & (dist <= band_px)
     interior = present & ~in_band
+    # Each missed nucleus, to open in QuPath: where it is, how large, how far the nearest detection is
+    # (a few µm: merged into a neighbour's detection; far: not detected at all).
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.stack([cells.x, cells.y], axis=1)) if n_det else None
+    missed = []
+    for lab in sorted(props):
+        if found[lab - 1]:
+            continue
+        cx, cy = cent[lab]
+        near = float(tree.query([cx, cy])[0]) * mpp if tree is not None else None
+        missed.append(
+            {
+                "kind": kinds[lab],
+                "x": round(float(cx), 1),
+                "y": round(float(cy), 1),
+                "area_um2": round(float(props[lab].area) * mpp * mpp, 1),
+                "nearest_detection_um": None if near is None else round(near, 1),
+                "edge_band": bool(in_band[lab - 1]),
+            }
+        )
     from wsi_screen.metrics import wilson_interval
 
     def rate(k: int, n: int) -> dict[str, Any]:
@@ -460,6 +481,7 @@ def score_slide(
         "edge_band": rate(int(found[in_band].sum()), int(in_band.sum())),
         "interior": rate(int(found[interior].sum()), int(interior.sum())),
         "band_um": band_um,
+        "missed": missed,
         "found": found.tolist(),
     }
 

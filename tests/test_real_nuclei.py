@@ -12,7 +12,7 @@ import torch
 from pipeline_scripts import load_pipeline
 
 from wsi_screen.metrics import wilson_interval
-from wsi_screen.train.fields import CropCell, compose_fields, read_split_manifest, split_names
+from wsi_screen.train.fields import CropCell, compose_fields, fold_manifest, read_split_manifest, split_names
 from wsi_screen.train.unet import (
     AnnotatedImage,
     ImageSource,
@@ -57,6 +57,124 @@ def test_committed_manifest_is_current(shared_data: Path) -> None:
     make_splits = load_pipeline("make_splits")
     built = json.dumps(make_splits.build(shared_data), indent=1, ensure_ascii=False) + "\n"
     assert built == MANIFEST.read_text()
+
+
+def test_fold_manifests_hold_out_every_herlev_group_exactly_once() -> None:
+    """Grouped CV folds: each Herlev unit in test once, a group (severe-fine crops included) in one part."""
+    m = read_split_manifest(MANIFEST)
+    herlev_sources = ("herlev", "herlev_severe_fine")
+    folds = [fold_manifest(m, folds=3, fold=k) for k in range(3)]
+    for src in herlev_sources:
+        keys = set(m["sources"][src]["files"])
+        tested = [set(split_names(f, src, "test")) for f in folds]
+        assert set().union(*tested) == keys
+        assert sum(len(t) for t in tested) == len(keys)  # disjoint
+    for f in folds:
+        part_of_group: dict[str, set[str]] = {}
+        for src in herlev_sources:
+            for v in f["sources"][src]["files"].values():
+                part_of_group.setdefault(v["group"], set()).add(v["split"])
+        assert all(len(parts) == 1 for parts in part_of_group.values())
+        assert all(split_names(f, "herlev", part) for part in ("train", "val", "test"))
+        # the other sources keep the committed split; the committed manifest itself is not modified
+        assert f["sources"]["lbc_nuclei"] == m["sources"]["lbc_nuclei"]
+        assert f["counts"]["herlev"]["test"] == len(split_names(f, "herlev", "test"))
+    assert m == read_split_manifest(MANIFEST)
+    with pytest.raises(TrainingDataError, match="fold=3"):
+        fold_manifest(m, folds=3, fold=3)
+    with pytest.raises(TrainingDataError, match="at least 2 folds"):
+        fold_manifest(m, folds=1, fold=0)
+
+
+def test_cv_localization_pools_folds_per_class_with_wilson_intervals(tmp_path: Path) -> None:
+    """pipelines/cv_localization.py summary: found and nuclei add up over folds, intervals per group."""
+    cv = load_pipeline("cv_localization")
+    rows = [
+        {"normal_superficiel": (3, 4), "light_dysplastic": (5, 5)},
+        {"normal_superficiel": (4, 4), "normal_columnar": (2, 3), "light_dysplastic": (6, 7)},
+    ]
+    for fold, kinds in enumerate(rows):
+        d = tmp_path / f"fold-{fold}"
+        (d / "stage2").mkdir(parents=True)
+        tp = sum(f for f, _ in kinds.values())
+        nuclei = sum(n for _, n in kinds.values())
+        by_kind = {k: {"found": f, "nuclei": n, "recall": f / n} for k, (f, n) in kinds.items()}
+        row = {"recall": tp / nuclei, "precision": tp / (tp + 2), "tp": tp, "detections": tp + 2}
+        row |= {"nuclei": nuclei, "dice_median": 0.9, "recall_by_kind": by_kind}
+        row |= {"edge_band": {"found": 1, "nuclei": 2}, "interior": {"found": tp - 1, "nuclei": nuclei - 2}}
+        row["recall_by_group"] = cv_groups(by_kind)
+        (d / "eval.json").write_text(json.dumps({"real": {"herlev": row}}))
+        (d / "stage2" / "bundle.json").write_text(json.dumps({"training": {"steps": 10}}))
+        (d / "manifest.json").write_text(json.dumps({"counts": {"herlev": {"test": len(kinds)}}}))
+    summary = cv.summarize(tmp_path, 2)
+    assert summary["recall_by_kind"]["normal_superficiel"]["found"] == 7
+    assert summary["recall_by_kind"]["normal_superficiel"]["nuclei"] == 8
+    normal = summary["recall_by_group"]["normal"]
+    assert (normal["found"], normal["nuclei"]) == (9, 11)
+    assert normal["wilson95"] == pytest.approx(wilson_interval(9, 11))
+    assert summary["pooled"]["tp"] == 20 and summary["pooled"]["nuclei"] == 23
+    assert summary["pooled"]["precision"] == pytest.approx(20 / 24)
+    edges = summary["tile_edges"]
+    assert edges["edge_band"]["found"] == 2 and edges["interior"]["nuclei"] == 19
+    with pytest.raises(SystemExit, match="fold 2"):
+        cv.summarize(tmp_path, 3)
+
+
+def test_score_slide_matches_one_to_one_and_lists_the_misses(tmp_path: Path) -> None:
+    """pipelines/eval_localization.py: hits within the 1 µm dilation, over-detection, each miss located."""
+    from cellfactory import ABNORMAL, CLASSES, make_cells
+
+    from wsi_screen.store import TILE_DONE, CellStoreWriter
+    from wsi_screen.tiling import make_grid
+
+    ev = load_pipeline("eval_localization")
+    yy, xx = np.mgrid[:200, :200]
+    labels = np.zeros((200, 200), np.uint32)
+    centres = {1: (40, 40), 2: (100, 60), 3: (160, 150)}
+    for lab, (cx, cy) in centres.items():
+        labels[(xx - cx) ** 2 + (yy - cy) ** 2 <= 8**2] = lab
+    kinds = np.array(["", "normal_superficiel", "light_dysplastic", "carcinoma_in_situ"])
+    np.savez(tmp_path / "t.npz", nuclei=labels, kind=kinds, source=kinds, mpp=0.25)
+    # nucleus 1: two detections (one is over-detection); nucleus 2: 3 px outside its mask (inside the
+    # 1 µm = 4 px dilation); nucleus 3: the nearest detection 40 px (10 µm) away; one on glass.
+    xy = np.array([[40, 40], [42, 41], [111, 60], [160, 110], [10, 190]], np.float64)
+    cells = make_cells(["NILM"] * len(xy), xy=xy, size=(200, 200))
+    grid = make_grid((200, 200), slide_mpp=0.25, mpp=0.5, tile_size=64)
+    with CellStoreWriter(tmp_path / "c.zarr", class_names=CLASSES, abnormal_classes=ABNORMAL) as w:
+        w.append(cells)
+        w.write_tiles(grid, np.full((grid.rows, grid.cols), TILE_DONE))
+    row = ev.score_slide(tmp_path / "c.zarr", tmp_path / "t.npz")
+    assert (row["nuclei"], row["tp"], row["detections"]) == (3, 2, 5)
+    assert row["precision"] == pytest.approx(2 / 5)
+    assert row["recall_by_kind"]["carcinoma_in_situ"]["found"] == 0
+    assert row["recall_by_kind"]["light_dysplastic"]["found"] == 1
+    (miss,) = row["missed"]
+    assert miss["kind"] == "carcinoma_in_situ" and (miss["x"], miss["y"]) == (160.0, 150.0)
+    assert miss["area_um2"] == pytest.approx(int((labels == 3).sum()) * 0.25**2, abs=0.05)
+    assert miss["nearest_detection_um"] == pytest.approx(10.0)
+
+
+def test_real_slide_truth_drops_mask_specks_but_keeps_small_nuclei() -> None:
+    """pipelines/real_slides.py: a stray speck of the nucleus class is no truth nucleus; a 12 µm² one is."""
+    rs = load_pipeline("real_slides")
+    lab = np.ones((120, 120), np.uint8)  # a cell filling its crop, at 0.25 µm/px (no resampling)
+    yy, xx = np.mgrid[:120, :120]
+    lab[(yy - 60) ** 2 + (xx - 60) ** 2 <= 10**2] = 2  # 314 px = 19.6 µm²: a nucleus
+    lab[20:24, 20:24] = 2  # 16 px = 1 µm²: mask noise
+    small = np.ones((120, 120), np.uint8)
+    small[(yy - 60) ** 2 + (xx - 60) ** 2 <= 8**2] = 2  # 197 px = 12.3 µm²: a pyknotic nucleus
+    rgb = np.full((120, 120, 3), 150, np.uint8)
+    items = [(rgb, lab, "light_dysplastic", 0.25), (rgb, small, "normal_superficiel", 0.25)]
+    _, labels, kinds, _, _ = rs.lattice_slide(items, 0, fade_cut=False)
+    assert sorted(kinds[1:]) == ["light_dysplastic", "normal_superficiel"]
+    areas = np.bincount(labels.ravel())[1:] * rs.SLIDE_MPP**2
+    assert len(areas) == 2 and areas.min() > rs.MIN_TRUTH_NUCLEUS_UM2
+
+
+def cv_groups(by_kind: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The issue's Herlev groups of a per-class row, as pipelines/eval_localization.py pools them."""
+    ev = load_pipeline("eval_localization")
+    return dict(ev._herlev_groups({"recall_by_kind": by_kind}))
 
 
 def test_split_hash_is_stable() -> None:

@@ -21,6 +21,8 @@ Every source is split by :func:`split_names` from the one committed manifest
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +43,7 @@ __all__ = [
     "SOURCE_MPP",
     "CropCell",
     "compose_fields",
+    "fold_manifest",
     "load_herlev_cells",
     "load_severe_fine_cells",
     "load_source_images",
@@ -90,6 +93,68 @@ def split_names(manifest: dict[str, Any], source: str, part: str | Sequence[str]
         raise TrainingDataError(f"the split manifest has no source {source!r}; it has {known}")
     files: dict[str, dict[str, str]] = manifest["sources"][source]["files"]
     return sorted(k for k, v in files.items() if v["split"] in parts)
+
+
+def fold_manifest(
+    manifest: dict[str, Any],
+    *,
+    folds: int,
+    fold: int,
+    sources: Sequence[str] = ("herlev", "herlev_severe_fine"),
+    val_fraction: float = 0.2,
+) -> dict[str, Any]:
+    """The manifest of one fold of a grouped cross-validation over every unit of ``sources``.
+
+    Each group (``files[key]["group"]``, the unit the committed manifest splits by) falls into fold
+    ``floor(h * folds)`` of a SHA-256 hash ``h`` in [0, 1) of the group id alone, so the Herlev crops
+    and the severe-fine crops of one Herlev group share a fold. In fold ``fold`` its groups are the
+    ``test`` part; of the other groups a second hash puts ``val_fraction`` in ``val``, the rest in
+    ``train``. Every other source keeps its committed split. Over the ``folds`` folds every unit of
+    ``sources`` is in ``test`` exactly once. Folds are hashed, as the committed manifest's parts are,
+    rather than class-stratified (:func:`wsi_screen.metrics.grouped_kfold`): a group's fold then
+    depends on its id alone, not on which other groups the data hold.
+    """
+    if folds < 2:
+        raise TrainingDataError(f"folds={folds}: a cross-validation needs at least 2 folds")
+    if not 0 <= fold < folds:
+        raise TrainingDataError(f"fold={fold}: give a fold in 0..{folds - 1}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise TrainingDataError(f"val_fraction={val_fraction}: give a share in [0, 1)")
+    missing = sorted(set(sources) - set(manifest["sources"]))
+    if missing:
+        raise TrainingDataError(f"the split manifest has no source(s) {missing}")
+
+    def unit_hash(salt: str, group: str) -> float:
+        digest = hashlib.sha256(f"cv-{salt}:{group}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    out = copy.deepcopy(manifest)
+    for source in sources:
+        for entry in out["sources"][source]["files"].values():
+            group = str(entry["group"])
+            if min(int(unit_hash("fold", group) * folds), folds - 1) == fold:
+                entry["split"] = "test"
+            else:
+                entry["split"] = "val" if unit_hash("val", group) < val_fraction else "train"
+    out["description"] = (
+        f"Fold {fold} of a {folds}-fold grouped cross-validation over {', '.join(sources)} "
+        f"(wsi_screen.train.fields.fold_manifest; val share {val_fraction:g} of the other folds); "
+        "other sources as in the committed manifest."
+    )
+    out["cross_validation"] = {
+        "folds": folds,
+        "fold": fold,
+        "sources": list(sources),
+        "val_fraction": val_fraction,
+    }
+    out["counts"] = {
+        src: {
+            part: sum(1 for v in spec["files"].values() if v["split"] == part)
+            for part in ("train", "val", "test")
+        }
+        for src, spec in out["sources"].items()
+    }
+    return out
 
 
 def _read_rgb(path: Path) -> U8:
