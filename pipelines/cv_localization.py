@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for fold in folds:
-        if "manifest" in args.stages or any(s in args.stages for s in ("stage1", "stage2", "eval")):
+        if set(args.stages) - {"summary"}:
             write_fold_manifest(args, fold)
         for stage in ("stage1", "stage2"):
             if stage in args.stages and not train_stage(args, fold, stage):

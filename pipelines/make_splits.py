@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import re
 import sys
@@ -37,7 +36,9 @@ FRACTIONS = (("train", 0.60), ("val", 0.15), ("test", 0.25))
 
 def part_of(source: str, unit: str) -> str:
     """The split of ``unit`` of ``source``: a uniform hash in [0, 1) against the cumulative fractions."""
-    h = int.from_bytes(hashlib.sha256(f"{source}:{unit}".encode()).digest()[:8], "big") / 2**64
+    from wsi_screen.train.fields import unit_hash
+
+    h = unit_hash(f"{source}:{unit}")
     acc = 0.0
     for name, frac in FRACTIONS:
         acc += frac

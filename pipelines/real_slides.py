@@ -150,10 +150,9 @@ def lattice_slide(
         cell_kinds.append(kind)
         nuc, n = cc_label((sub_lab == 2) & (alpha >= 0.5))
         lab_region = labels[y0:y1, x0:x1]
-        min_px = MIN_TRUTH_NUCLEUS_UM2 / SLIDE_MPP**2
         for i in range(1, n + 1):
             m = nuc == i
-            if m.sum() < min_px:  # mask noise (MIN_TRUTH_NUCLEUS_UM2)
+            if m.sum() < MIN_TRUTH_NUCLEUS_UM2 / SLIDE_MPP**2:  # mask noise
                 continue
             lab_region[m] = len(kinds)
             kinds.append(kind)

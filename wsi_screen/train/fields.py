@@ -49,6 +49,7 @@ __all__ = [
     "load_source_images",
     "read_split_manifest",
     "split_names",
+    "unit_hash",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,13 @@ def split_names(manifest: dict[str, Any], source: str, part: str | Sequence[str]
     return sorted(k for k, v in files.items() if v["split"] in parts)
 
 
+def unit_hash(key: str) -> float:
+    """A uniform number in [0, 1) from the SHA-256 of ``key``: stable across machines and Python
+    versions. The split manifest (``pipelines/make_splits.py``) and :func:`fold_manifest` assign units
+    by it."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
 def fold_manifest(
     manifest: dict[str, Any],
     *,
@@ -124,18 +132,14 @@ def fold_manifest(
     if missing:
         raise TrainingDataError(f"the split manifest has no source(s) {missing}")
 
-    def unit_hash(salt: str, group: str) -> float:
-        digest = hashlib.sha256(f"cv-{salt}:{group}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64
-
     out = copy.deepcopy(manifest)
     for source in sources:
         for entry in out["sources"][source]["files"].values():
             group = str(entry["group"])
-            if min(int(unit_hash("fold", group) * folds), folds - 1) == fold:
+            if min(int(unit_hash(f"cv-fold:{group}") * folds), folds - 1) == fold:
                 entry["split"] = "test"
             else:
-                entry["split"] = "val" if unit_hash("val", group) < val_fraction else "train"
+                entry["split"] = "val" if unit_hash(f"cv-val:{group}") < val_fraction else "train"
     out["description"] = (
         f"Fold {fold} of a {folds}-fold grouped cross-validation over {', '.join(sources)} "
         f"(wsi_screen.train.fields.fold_manifest; val share {val_fraction:g} of the other folds); "
